@@ -1,0 +1,1 @@
+"""cpt_studio.studio."""
