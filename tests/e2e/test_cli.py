@@ -1,0 +1,93 @@
+"""The headless CLI as a user (or the GUI's worker) runs it: a real subprocess, real files."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from cpt_studio.engine.events import CheckpointSaved, RunFailed, RunFinished, StepMetrics, from_json
+
+CLI = [sys.executable, "-m", "cpt_studio.engine.cli"]
+
+
+def _run(args, **kw):
+    return subprocess.run(CLI + args, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_train_jsonl_then_runs_lists_it(tmp_path, tiny_config):
+    cfg_path = tmp_path / "run.yaml"
+    tiny_config(max_steps=4).save(cfg_path)
+    ws = str(tmp_path / "ws")
+    out = _run(["train", str(cfg_path), "--workspace", ws, "--events", "jsonl",
+                "--set", "name=cli run"], stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    events = [from_json(line) for line in out.stdout.splitlines()]   # every line is an event
+    assert isinstance(events[-1], RunFinished) and events[-1].step == 4
+    listing = json.loads(_run(["runs", "--json", "--workspace", ws]).stdout)
+    assert len(listing) == 1
+    row = listing[0]
+    assert row["name"] == "cli run" and row["status"] == "finished" and row["steps"] == 4
+    assert abs(row["final_loss"] - events[-1].final_loss) < 1e-9
+    table = _run(["runs", "--workspace", ws]).stdout
+    assert "finished" in table and "cli run" in table
+
+
+def test_human_progress_output(tmp_path, tiny_config):
+    cfg_path = tmp_path / "run.yaml"
+    tiny_config(max_steps=3).save(cfg_path)
+    out = _run(["train", str(cfg_path), "--workspace", str(tmp_path / "ws")])
+    assert out.returncode == 0, out.stderr
+    assert "step 3/3" in out.stdout and "tok/s" in out.stdout
+    assert "Adapter:" in out.stdout
+
+
+def test_sigkill_then_resume_finishes_from_last_checkpoint(tmp_path, tiny_config):
+    cfg_path = tmp_path / "run.yaml"
+    tiny_config(max_steps=12).save(cfg_path)
+    ws = str(tmp_path / "ws")
+    proc = subprocess.Popen(CLI + ["train", str(cfg_path), "--workspace", ws, "--events", "jsonl"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    run_id = None
+    for line in proc.stdout:
+        event = from_json(line)
+        run_id = run_id or getattr(event, "run_id", None)
+        if isinstance(event, CheckpointSaved) and event.step == 4:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    listing = json.loads(_run(["runs", "--json", "--workspace", ws]).stdout)
+    assert listing[0]["status"] == "interrupted"
+
+    out = _run(["resume", run_id, "--workspace", ws, "--events", "jsonl"], stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    events = [from_json(line) for line in out.stdout.splitlines()]
+    steps = [e.step for e in events if isinstance(e, StepMetrics)]
+    assert steps[0] in (5, 9) and steps[-1] == 12
+    assert isinstance(events[-1], RunFinished)
+    listing = json.loads(_run(["runs", "--json", "--workspace", ws]).stdout)
+    assert listing[0]["status"] == "finished" and listing[0]["steps"] == 12
+
+
+def test_bad_config_field_is_named(tmp_path):
+    cfg_path = tmp_path / "bad.yaml"
+    cfg_path.write_text("training:\n  batch_size: many\n")
+    out = _run(["train", str(cfg_path), "--workspace", str(tmp_path / "ws")])
+    assert out.returncode == 2
+    assert "training.batch_size" in out.stderr and "bad.yaml" in out.stderr
+
+
+def test_bad_corpus_file_is_named(tmp_path, tiny_config):
+    bad = tmp_path / "weights.txt"
+    bad.write_bytes(b"\x00\x01binary\x00" * 100)
+    cfg = tiny_config(max_steps=2, data={"train_files": [str(bad)]})
+    cfg_path = tmp_path / "run.yaml"
+    cfg.save(cfg_path)
+    out = _run(["train", str(cfg_path), "--workspace", str(tmp_path / "ws"), "--events", "jsonl"],
+               stdin=subprocess.DEVNULL)
+    assert out.returncode == 2
+    failed = from_json(out.stdout.splitlines()[-1])
+    assert isinstance(failed, RunFailed) and failed.kind == "corpus"
+    assert "weights.txt" in failed.message and failed.hint

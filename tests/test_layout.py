@@ -1,0 +1,59 @@
+"""The package layout and import boundaries of docs/architecture.md hold after install."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            names.add(base)
+    return names
+
+
+def _forbidden(folder: str, prefixes: tuple[str, ...]) -> list[str]:
+    hits = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for name in _imports(path):
+            if name.startswith(prefixes):
+                hits.append(f"{path.relative_to(ROOT)} imports {name}")
+    return hits
+
+
+def test_no_bare_top_level_packages_after_install(tmp_path):
+    # From a neutral folder, so the repo root is not on sys.path.
+    code = ("import importlib.util as u, json; print(json.dumps({n: u.find_spec(n) is not None "
+            "for n in ['engine', 'kernels', 'studio', 'resources']}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         check=True).stdout
+    assert '"engine": false' in out and '"kernels": false' in out
+    assert '"studio": false' in out and '"resources": false' in out
+    found = subprocess.run([sys.executable, "-c", "import cpt_studio.engine, cpt_studio.kernels, "
+                            "cpt_studio.studio, cpt_studio.resources"], cwd=tmp_path)
+    assert found.returncode == 0
+
+
+def test_engine_and_kernels_never_import_the_gui():
+    gui = ("PySide6", "pyqtgraph", "cpt_studio.studio", "..studio", "shiboken6")
+    assert _forbidden("engine", gui) == []
+    assert _forbidden("kernels", gui) == []
+
+
+def test_kernels_never_import_the_engine():
+    assert _forbidden("kernels", ("cpt_studio.engine", "..engine")) == []
+
+
+def test_headless_cli_loads_no_qt(tmp_path):
+    code = ("import sys, cpt_studio.engine.cli, cpt_studio.engine.trainer, cpt_studio.engine.runner; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('PySide6', 'pyqtgraph')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
