@@ -1,0 +1,445 @@
+"""Corpus reading: turn files and folders of raw text into a stream of clean documents.
+
+    paths = expand_corpus_paths(["notes/", "extra.jsonl"])
+    for path in paths:
+        for doc in read_documents(path):            # str, cleaned, never empty
+            ...
+    info = inspect_corpus_file(paths[0])             # columns, counts, preview for the GUI
+
+Formats: .txt/.md (one document per file), .jsonl (one per line), .json (a list of objects or
+strings, or an object holding one such list), .csv, .parquet, and Hugging Face dataset folders
+(written by `Dataset.save_to_disk`; a DatasetDict folder gives its "train" split). The same text
+yields the same documents in every format. Every problem a user can cause is a CorpusError that
+names the file.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from itertools import chain, islice
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
+
+from .errors import CorpusError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".csv", ".parquet")
+TEXT_COLUMN_NAMES = ("text", "content", "body", "document", "article", "raw", "passage")
+HF_DATASET_FORMAT = "hf_dataset"
+_SNIFF_BYTES = 8192          # NUL bytes in this prefix mark a binary file
+_PEEK_ROWS = 20              # rows looked at to find the text column of jsonl/csv
+_ARROW_BATCH = 1024          # parquet / arrow rows per batch: bounded memory for huge files
+_UTF8_HINT = "Re-save the file as UTF-8 (most editors offer an encoding choice under 'Save as')."
+
+
+@dataclass
+class CorpusFileInfo:
+    """What the GUI shows about one corpus file before training (no tokenization)."""
+
+    path: Path
+    format: str
+    size_bytes: int
+    columns: list = field(default_factory=list)   # [] for txt/md and lists of strings
+    text_column: str = ""                          # the column read (given or detected)
+    documents: int = 0
+    characters: int = 0
+    preview: str = ""                              # the start of the first document
+    error: str = ""                                # the CorpusError message, "" when readable
+
+
+class _Source(NamedTuple):
+    columns: list
+    column: str
+    values: Iterator      # raw values of the text column (str or None), before cleaning
+
+
+# ---- paths ---------------------------------------------------------------------------------
+def is_hf_dataset_dir(path: Path) -> bool:
+    """True for a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / "dataset_dict.json").is_file():
+        return True
+    has_meta = (path / "state.json").is_file() or (path / "dataset_info.json").is_file()
+    return has_meta and any(path.glob("*.arrow"))
+
+
+def corpus_format(path: Path) -> str:
+    """The format of a corpus path: "txt" ... "parquet" or "hf_dataset"; CorpusError if none."""
+    path = Path(path)
+    if path.is_dir():
+        if is_hf_dataset_dir(path):
+            return HF_DATASET_FORMAT
+        raise CorpusError(f"'{path}' is a folder, not a corpus file",
+                          "Give the folder to the corpus list; its files are picked up one by one.")
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise CorpusError(f"Corpus file '{path}' has an unsupported type "
+                          f"('{suffix or 'no suffix'}')",
+                          f"Supported: {', '.join(SUPPORTED_SUFFIXES)}, or a Hugging Face dataset "
+                          "folder. Convert the file or remove it from the corpus.")
+    return suffix[1:]
+
+
+def expand_corpus_paths(paths: list[str]) -> list[Path]:
+    """Resolve files and folders into the corpus files to read, in a stable order.
+
+    Folders are walked recursively in sorted order; hidden entries are skipped; a Hugging Face
+    dataset folder counts as one entry. Duplicates (a file also reached through its folder) are
+    kept once.
+    """
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise CorpusError(f"Corpus path '{path}' does not exist",
+                              "Check the path, or remove it from the corpus list.")
+        if path.is_dir() and not is_hf_dataset_dir(path):
+            skipped: list[str] = []
+            found = _walk(path, path, skipped)
+            if not found:
+                seen = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more"
+                                                  if len(skipped) > 10 else "")
+                raise CorpusError(f"Folder '{path}' holds no corpus files "
+                                  f"(found: {seen or 'nothing'})",
+                                  f"Supported: {', '.join(SUPPORTED_SUFFIXES)}, or a Hugging "
+                                  "Face dataset folder.")
+            out.extend(found)
+        else:
+            corpus_format(path)          # raises for an unsupported suffix
+            out.append(path)
+    unique: dict[Path, Path] = {}
+    for path in out:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def _walk(folder: Path, root: Path, skipped: list[str]) -> list[Path]:
+    found: list[Path] = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            found.extend([entry] if is_hf_dataset_dir(entry) else _walk(entry, root, skipped))
+        elif entry.suffix.lower() in SUPPORTED_SUFFIXES:
+            found.append(entry)
+        else:
+            skipped.append(str(entry.relative_to(root)))
+    return found
+
+
+# ---- documents -----------------------------------------------------------------------------
+def clean_text(text: str) -> str:
+    """Light cleaning shared by every format: BOM, newlines, trailing whitespace."""
+    text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    return "\n".join(line.rstrip() for line in text.split("\n")).rstrip()
+
+
+def read_documents(path: Path, text_column: str = "") -> Iterator[str]:
+    """Yield the cleaned, non-empty documents of one corpus file or dataset folder.
+
+    Args:
+        path: a file with a supported suffix, or a Hugging Face dataset folder.
+        text_column: the column holding the text (jsonl/json/csv/parquet/datasets); "" = detect.
+
+    Raises:
+        CorpusError: the file is missing, binary, not UTF-8, malformed, or lacks the column.
+    """
+    path = Path(path)
+    source = _open_source(path, text_column)
+    return _clean_stream(path, source.values)
+
+
+def inspect_corpus_file(path: Path, text_column: str = "",
+                        preview_chars: int = 600) -> CorpusFileInfo:
+    """Describe one corpus file for the GUI; problems land in `.error` instead of raising.
+
+    Streams the whole file to count documents and characters (no tokenization), so a very large
+    file takes as long as one read of it.
+    """
+    path = Path(path)
+    try:
+        fmt = corpus_format(path)
+    except CorpusError as exc:
+        fmt = path.suffix.lower().lstrip(".")
+        return CorpusFileInfo(path, fmt, corpus_size_bytes(path), error=str(exc))
+    info = CorpusFileInfo(path, fmt, corpus_size_bytes(path))
+    try:
+        source = _open_source(path, text_column)
+        info.columns, info.text_column = list(source.columns), source.column
+        for doc in _clean_stream(path, source.values):
+            if not info.documents:
+                info.preview = doc[:preview_chars]
+            info.documents += 1
+            info.characters += len(doc)
+    except CorpusError as exc:
+        info.error = str(exc)
+    return info
+
+
+def corpus_size_bytes(path: Path) -> int:
+    """Bytes on disk of a corpus file, or of every file in a dataset folder."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _clean_stream(path: Path, values: Iterable) -> Iterator[str]:
+    try:
+        for value in values:
+            doc = clean_text(value) if value else ""
+            if doc:
+                yield doc
+    except OSError as exc:
+        raise CorpusError(f"Cannot read corpus file '{path}': {exc.strerror or exc}") from None
+
+
+def _open_source(path: Path, text_column: str) -> _Source:
+    """Open a file, settle its text column, and return a lazy iterator over the raw values."""
+    fmt = corpus_format(path)
+    try:
+        if fmt == HF_DATASET_FORMAT:
+            return _open_hf_dataset(path, text_column)
+        if fmt == "parquet":
+            return _open_parquet(path, text_column)
+        with open(path, "rb") as fh:
+            head = fh.read(_SNIFF_BYTES)
+        if b"\x00" in head:
+            raise CorpusError(f"Corpus file '{path}' is not text (found NUL bytes); remove it or "
+                              "pick text files", "If it is UTF-16 text, re-save it as UTF-8.")
+        if fmt in ("txt", "md"):
+            return _Source([], "", iter([decode_utf8(path.read_bytes(), path)]))
+        if fmt == "json":
+            return _open_json(path, text_column)
+        if fmt == "jsonl":
+            return _open_rows(path, _jsonl_rows(path), text_column)
+        return _open_csv(path, text_column)
+    except OSError as exc:
+        raise CorpusError(f"Cannot read corpus file '{path}': {exc.strerror or exc}") from None
+
+
+def decode_utf8(data: bytes, path: Path, base_offset: int = 0) -> str:
+    """Decode UTF-8 or raise a CorpusError naming the file and the byte offset of the bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = data[exc.start:exc.start + 1]
+        raise CorpusError(f"Corpus file '{path}' is not valid UTF-8: byte {bad!r} at offset "
+                          f"{base_offset + exc.start}", _UTF8_HINT) from None
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, streamed; '\\n' never occurs inside a UTF-8 sequence."""
+    offset = 0
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            line = decode_utf8(raw, path, offset)
+            offset += len(raw)
+            yield number, line.lstrip("\ufeff") if number == 1 else line
+
+
+def _jsonl_rows(path: Path) -> Iterator:
+    for number, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"Corpus file '{path}', line {number}: not valid JSON ({exc.msg})",
+                              "Each line of a .jsonl file must be one JSON object, e.g. "
+                              '{"text": "..."}. Fix or delete that line.') from None
+
+
+def _open_json(path: Path, text_column: str) -> _Source:
+    text = decode_utf8(path.read_bytes(), path).lstrip("\ufeff")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CorpusError(f"Corpus file '{path}' is not valid JSON (line {exc.lineno}: {exc.msg})",
+                          "A .json corpus is a list of objects or strings; for one object per "
+                          "line use .jsonl.") from None
+    if isinstance(data, dict):
+        lists = [key for key, value in data.items() if isinstance(value, list)]
+        if len(lists) != 1:
+            raise CorpusError(f"Corpus file '{path}' holds an object with {len(lists)} lists "
+                              f"(keys: {', '.join(map(str, data)) or 'none'}); expected one list "
+                              "of documents", "Save the documents as a JSON list, or as .jsonl.")
+        data = data[lists[0]]
+    if not isinstance(data, list):
+        raise CorpusError(f"Corpus file '{path}' holds a {type(data).__name__}, not a list of "
+                          "documents", "A .json corpus is a list of objects or strings.")
+    return _open_rows(path, iter(data), text_column)
+
+
+def _open_rows(path: Path, rows: Iterator, text_column: str) -> _Source:
+    """Rows of JSON values: either all strings (each a document) or all objects (read a column)."""
+    peeked = list(islice(rows, _PEEK_ROWS))
+    rows = chain(peeked, rows)
+    if not peeked and not text_column:
+        return _Source([], "", iter(()))       # an empty file adds nothing; it is not an error
+    if peeked and isinstance(peeked[0], str) and not text_column:
+        return _Source([], "", _row_values(path, rows, None))
+    columns: list[str] = []
+    for row in peeked:
+        if isinstance(row, dict):
+            columns.extend(k for k in row if k not in columns)
+    samples = {c: [r.get(c) for r in peeked if isinstance(r, dict)] for c in columns}
+    column = pick_text_column(path, columns, text_column,
+                              lambda c: any(isinstance(v, str) for v in samples[c]))
+    return _Source(columns, column, _row_values(path, rows, column))
+
+
+def _row_values(path: Path, rows: Iterable, column: str | None) -> Iterator:
+    """The text of each row: the row itself (column None) or its column; non-text is an error."""
+    where = f"column '{column}'" if column is not None else "the list"
+    for index, row in enumerate(rows):
+        value = row.get(column) if column is not None and isinstance(row, dict) else row
+        if value is not None and not isinstance(value, str):
+            raise CorpusError(f"Corpus file '{path}', record {index + 1}: expected text in "
+                              f"{where}, found a {type(value).__name__}",
+                              "Every record must hold its text as a string.")
+        yield value
+
+
+def _open_csv(path: Path, text_column: str) -> _Source:
+    # Corpus cells can be whole books; the csv module's default 128 KiB cap would reject them.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.reader(line for _, line in _text_lines(path))
+    try:
+        header = next(reader, [])
+        peeked = list(islice(reader, _PEEK_ROWS))
+    except csv.Error as exc:
+        raise CorpusError(f"Corpus file '{path}' is not valid CSV: {exc}") from None
+    if not peeked and not text_column:
+        return _Source(header, "", iter(()))
+
+    def is_text(index: int) -> bool:
+        # Every CSV cell is a string; a column of numbers (ids, scores) is not the text.
+        cells = [r[index] for r in peeked if index < len(r) and r[index].strip()]
+        return bool(cells) and not all(_is_number(c) for c in cells)
+
+    column = pick_text_column(path, header, text_column,
+                              lambda c: is_text(header.index(c)))
+    index = header.index(column)
+
+    def values() -> Iterator:
+        try:
+            for row in chain(peeked, reader):
+                yield row[index] if index < len(row) else None
+        except csv.Error as exc:
+            raise CorpusError(f"Corpus file '{path}' is not valid CSV "
+                              f"(line {reader.line_num}): {exc}") from None
+    return _Source(header, column, values())
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def pick_text_column(path: Path, columns: list, given: str, holds_text) -> str:
+    """The given column (checked), else the first preferred name, else the first text column."""
+    if given:
+        if given not in columns:
+            raise CorpusError(f"Corpus file '{path}' has no column '{given}' (columns: "
+                              f"{', '.join(map(str, columns)) or 'none'})",
+                              "Set the text column to one of the listed columns, or leave it "
+                              "empty to detect it.")
+        return given
+    lowered = {str(c).lower(): c for c in reversed(columns)}
+    for name in TEXT_COLUMN_NAMES:
+        if name in lowered:
+            return lowered[name]
+    for column in columns:
+        if holds_text(column):
+            logger.debug("%s: no column named like text; reading %r, the first text column",
+                         path, column)
+            return column
+    raise CorpusError(f"Corpus file '{path}' has no column holding text (columns: "
+                      f"{', '.join(map(str, columns)) or 'none'})",
+                      "Set the text column to the one that holds the documents.")
+
+
+# ---- columnar formats (pyarrow, imported lazily: it is heavy and only these formats need it) ---
+def _open_parquet(path: Path, text_column: str) -> _Source:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(str(path))
+    except (ValueError, OSError) as exc:     # ArrowInvalid is a ValueError
+        raise CorpusError(f"Corpus file '{path}' is not a readable Parquet file ({exc})") from None
+    column = _pick_arrow_column(path, table.schema_arrow, text_column)
+    # iter_batches walks row groups, so memory stays bounded however big the file is.
+    batches = table.iter_batches(batch_size=_ARROW_BATCH, columns=[column])
+    return _Source(table.schema_arrow.names, column, _arrow_values(path, batches, column))
+
+
+def _open_hf_dataset(folder: Path, text_column: str) -> _Source:
+    import pyarrow as pa
+
+    files = _hf_arrow_files(folder)
+    try:
+        with pa.memory_map(str(files[0])) as source:
+            schema = pa.ipc.open_stream(source).schema
+    except (ValueError, OSError) as exc:
+        raise CorpusError(f"Dataset file '{files[0]}' is not readable ({exc})",
+                          "Save the dataset again with Dataset.save_to_disk.") from None
+    column = _pick_arrow_column(folder, schema, text_column)
+
+    def batches() -> Iterator:
+        for file in files:
+            # save_to_disk writes Arrow IPC *stream* shards; memory-mapping keeps RAM flat.
+            with pa.memory_map(str(file)) as source:
+                yield from (b.select([column]) for b in pa.ipc.open_stream(source))
+    return _Source(schema.names, column, _arrow_values(folder, batches(), column))
+
+
+def _hf_arrow_files(folder: Path) -> list[Path]:
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text("utf-8")).get("splits", [])
+        if "train" not in splits and len(splits) != 1:
+            raise CorpusError(f"Dataset folder '{folder}' has no 'train' split (splits: "
+                              f"{', '.join(splits) or 'none'})", "Pick one split's folder instead.")
+        folder = folder / ("train" if "train" in splits else splits[0])
+    state = folder / "state.json"
+    if state.is_file():
+        shards = json.loads(state.read_text("utf-8"))["_data_files"]
+        files = [folder / shard["filename"] for shard in shards]
+    else:
+        files = sorted(folder.glob("*.arrow"))
+    missing = [f.name for f in files if not f.is_file()]
+    if not files or missing:
+        raise CorpusError(f"Dataset folder '{folder}' lacks its data files "
+                          f"({', '.join(missing) or 'no .arrow files'})",
+                          "Save the dataset again with Dataset.save_to_disk.")
+    return files
+
+
+def _pick_arrow_column(path: Path, schema, given: str) -> str:
+    import pyarrow as pa
+
+    def holds_text(name: str) -> bool:
+        kind = schema.field(name).type
+        return pa.types.is_string(kind) or pa.types.is_large_string(kind) or \
+            getattr(pa.types, "is_string_view", lambda _: False)(kind)
+    return pick_text_column(path, list(schema.names), given, holds_text)
+
+
+def _arrow_values(path: Path, batches: Iterable, column: str) -> Iterator:
+    def rows() -> Iterator:
+        for batch in batches:
+            yield from ({column: v} for v in batch.column(0).to_pylist())
+    try:
+        yield from _row_values(path, rows(), column)
+    except (ValueError, OSError) as exc:     # a damaged row group or shard shows up mid-stream
+        raise CorpusError(f"Corpus file '{path}' is damaged: reading column '{column}' failed "
+                          f"({exc})") from None
