@@ -54,6 +54,7 @@ class Phase(Event):
     phase: str                 # one of PHASES
     progress: float = 0.0      # 0..1, or -1 when unknown
     message: str = ""
+    pid: int = 0               # the worker's pid on the first event, so a loading run shows as running
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,7 @@ def setup_training(cfg: RunConfig, workspace, emit: Callable, device: Optional[t
     device = device or pick_device()
     seed_everything(cfg.training.seed)
 
-    emit(Phase(phase="loading_model", progress=0.0, message="Resolving the model"))
+    emit(Phase(phase="loading_model", progress=0.0, message="Resolving the model", pid=os.getpid()))
     resolved = resolve_model_source(cfg.model.source, workspace.models_dir)
     init_from = cfg.init_from or resolved.adapter_path
     emit(Phase(phase="loading_model", progress=0.3, message=f"Loading {resolved.display_name}"))
