@@ -24,6 +24,8 @@ class StudioState(QObject):
         super().__init__(parent)
         self.workspace = workspace
         self._config = config or RunConfig()
+        self.model_info = None        # engine.model_source.ModelInfo of the chosen model, once described
+        self.resolved_model = None    # engine.model_source.ResolvedModel, once resolved
 
     @property
     def config(self) -> RunConfig:

@@ -1,0 +1,195 @@
+"""A rough GPU-memory estimate for a training run, made before any weight is loaded.
+
+    info = describe_model(resolve_model_source(cfg.model.source, ws.models_dir))
+    est = estimate_vram(info, cfg)
+    fit_badge(est.total, gpu_total_memory() or 24 * GIB)      # "fits" | "tight" | "won't fit"
+
+The estimate is a sum of the big terms; it is meant to be right to within about 20-30%, enough to
+tell a 24 GB card from an 80 GB one, not to predict the allocator's peak. Terms (bytes):
+
+- base weights, frozen: Linear weights at the precision's bytes/param (fp32 4, bf16/fp16 2, 8bit 1
+  + one fp32 scale per row ~ 1.0, 4bit NF4 0.5 + quant constants: 4-byte absmax per 64 weights
+  = 0.0625, or ~0.016 with double quantization, which we use). embed_tokens and lm_head are never
+  quantized by bitsandbytes: they stay at 2 B/param (4 for fp32). `auto` counts as 4bit, the
+  GPU default.
+- LoRA: r * (in + out) params per adapted Linear per layer, each with an fp32 weight, gradient and
+  two AdamW moments = 16 B/param. Shapes come from `linear_module_shapes` when the model info has
+  it, else from the name (gate/up/fc1: hidden -> intermediate, down/fc2: intermediate -> hidden,
+  k/v: hidden -> kv dim, everything else hidden -> hidden).
+- trainable embeddings: a `full` embed_tokens or lm_head is a trained fp32 copy of vocab x hidden
+  (weight + gradient + 2 AdamW moments = 16 B/param); `lora` is r * (vocab + hidden) at 16 B/param;
+  with tied embeddings the two are one matrix and counted once.
+- activations, per token and layer, in the compute dtype (2 B, 4 for fp32), assuming SDPA/flash
+  attention (no seq x seq score matrix is kept):
+  `8 * hidden + 2 * kv_dim + 4 * intermediate` values (norm outputs, q/k/v, attention output,
+  residuals, gate/up, activation, product) -> x batch x seq x layers. With gradient checkpointing
+  only each layer's input (hidden values) is kept, plus one layer's full set during recompute.
+- logits: batch x seq x vocab x 4 B (fp32 for the loss), x2 for their gradient.
+- CUDA context and allocator slack: a flat 500 MB.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import RunConfig
+
+GIB = 1024 ** 3
+CUDA_CONTEXT_BYTES = 500 * 1024 ** 2
+TIGHT_FRACTION = 0.85
+
+# Bytes per parameter of a frozen Linear weight.
+LINEAR_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "8bit": 1.0 + 4 / 4096, "4bit": 0.5 + 0.016}
+TRAINABLE_BYTES = 16.0        # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
+ACT_HIDDEN, ACT_KV, ACT_INTERMEDIATE = 8, 2, 4
+
+_UP_NAMES = ("gate", "up", "fc1", "w1", "w3", "c_fc", "dense_h_to_4h")
+_DOWN_NAMES = ("down", "fc2", "w2", "dense_4h_to_h")
+_KV_NAMES = ("k_proj", "v_proj", "key", "value")
+
+
+@dataclass(frozen=True)
+class VramEstimate:
+    """Estimated GPU memory of a training run, in bytes per term."""
+
+    precision: str
+    base_weights: int
+    lora: int
+    embeddings: int
+    activations: int
+    logits: int
+    overhead: int = CUDA_CONTEXT_BYTES
+
+    @property
+    def total(self) -> int:
+        return (self.base_weights + self.lora + self.embeddings + self.activations + self.logits
+                + self.overhead)
+
+    def parts(self) -> list[tuple[str, int]]:
+        """(label, bytes) for each term, for display."""
+        return [
+            (f"Base weights ({self.precision})", self.base_weights),
+            ("LoRA + AdamW states", self.lora),
+            ("Trained embeddings + AdamW states", self.embeddings),
+            ("Activations", self.activations),
+            ("Logits (+ gradient)", self.logits),
+            ("CUDA context", self.overhead),
+        ]
+
+
+def _shape_of(info: Any) -> dict[str, int]:
+    hidden = int(info.hidden_size)
+    heads = int(getattr(info, "num_attention_heads", 0) or max(1, hidden // 128))
+    kv_heads = int(getattr(info, "num_key_value_heads", 0) or heads)
+    head_dim = int(getattr(info, "head_dim", 0) or hidden // heads)
+    intermediate = int(getattr(info, "intermediate_size", 0) or round(hidden * 3.5))
+    return {"hidden": hidden, "kv": kv_heads * head_dim, "intermediate": intermediate,
+            "vocab": int(info.vocab_size), "layers": int(info.n_layers)}
+
+
+def _linear_shape(name: str, shape: dict[str, int]) -> tuple[int, int]:
+    """(in, out) features of a decoder Linear guessed from its name."""
+    low = name.lower()
+    h, i = shape["hidden"], shape["intermediate"]
+    if any(k in low for k in _DOWN_NAMES):
+        return i, h
+    if any(k in low for k in _UP_NAMES):
+        return h, i
+    if any(k in low for k in _KV_NAMES):
+        return h, shape["kv"]
+    return h, h
+
+
+def _lora_params(info: Any, cfg: RunConfig, shape: dict[str, int]) -> int:
+    names = list(cfg.adapter.target_modules) or list(getattr(info, "linear_module_names", []) or [])
+    known = dict(getattr(info, "linear_module_shapes", None) or {})
+    r = cfg.adapter.r
+    total = 0
+    for name in names:
+        fan_in, fan_out = known.get(name) or _linear_shape(name, shape)
+        total += r * (fan_in + fan_out)
+    return total * shape["layers"]
+
+
+def _embedding_params(info: Any, cfg: RunConfig, shape: dict[str, int]) -> int:
+    full = shape["vocab"] * shape["hidden"]
+    lora = cfg.adapter.r * (shape["vocab"] + shape["hidden"])
+    per_mode = {"off": 0, "full": full, "lora": lora}
+    if getattr(info, "tied_embeddings", False):
+        # One matrix: embed_tokens decides, lm_head follows it.
+        modes = [cfg.adapter.embed_tokens, cfg.adapter.lm_head]
+        return max(per_mode.get(m, 0) for m in modes)
+    return per_mode.get(cfg.adapter.embed_tokens, 0) + per_mode.get(cfg.adapter.lm_head, 0)
+
+
+def estimate_vram(info: Any, cfg: RunConfig) -> VramEstimate:
+    """Estimate the GPU memory of training `cfg` on the model described by `info`.
+
+    Args:
+        info: a ModelInfo (or anything with n_params, vocab_size, hidden_size, n_layers,
+            tied_embeddings, linear_module_names; intermediate_size, num_attention_heads,
+            num_key_value_heads, head_dim and linear_module_shapes are used when present).
+        cfg: the run config (precision, adapter, batch size, seq_len, gradient checkpointing).
+
+    Returns:
+        A VramEstimate; see the module docstring for the formula of each term.
+    """
+    shape = _shape_of(info)
+    precision = cfg.model.precision if cfg.model.precision != "auto" else "4bit"
+    embed_matrices = 1 if getattr(info, "tied_embeddings", False) else 2
+    embed_params = embed_matrices * shape["vocab"] * shape["hidden"]
+    linear_params = max(0, int(info.n_params) - embed_params)
+    embed_bytes = 4 if precision == "fp32" else 2
+    base = linear_params * LINEAR_BYTES[precision] + embed_params * embed_bytes
+
+    lora = _lora_params(info, cfg, shape) * TRAINABLE_BYTES
+    embeddings = _embedding_params(info, cfg, shape) * TRAINABLE_BYTES
+
+    act_bytes = 4 if precision == "fp32" else 2
+    tokens = cfg.training.batch_size * cfg.data.seq_len
+    per_layer = (ACT_HIDDEN * shape["hidden"] + ACT_KV * shape["kv"]
+                 + ACT_INTERMEDIATE * shape["intermediate"])
+    if cfg.training.gradient_checkpointing:
+        per_token = shape["hidden"] * shape["layers"] + per_layer
+    else:
+        per_token = per_layer * shape["layers"]
+    activations = tokens * per_token * act_bytes
+    logits = tokens * shape["vocab"] * 4 * 2
+    return VramEstimate(precision=precision, base_weights=int(base), lora=int(lora),
+                        embeddings=int(embeddings), activations=int(activations), logits=int(logits))
+
+
+def fit_badge(total: int, gpu_total: int) -> str:
+    """'fits' (<= 85% of the card), 'tight' (85-100%) or "won't fit"."""
+    if total > gpu_total:
+        return "won't fit"
+    if total > TIGHT_FRACTION * gpu_total:
+        return "tight"
+    return "fits"
+
+
+def gpu_total_memory(device: int = 0) -> int | None:
+    """Total memory of CUDA device `device` in bytes, or None without a usable GPU."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    except Exception:  # a broken driver must not break the estimate
+        return None
+
+
+def gpu_name(device: int = 0) -> str | None:
+    """Name of CUDA device `device`, or None without a usable GPU."""
+    try:
+        import torch
+        return torch.cuda.get_device_name(device) if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+def format_bytes(n: float) -> str:
+    """'5.8 GB' style (GiB, shown as GB like most GPU tools)."""
+    if n >= GIB:
+        return f"{n / GIB:.1f} GB"
+    return f"{n / 1024 ** 2:.0f} MB"

@@ -1,0 +1,131 @@
+"""VRAM estimate: the ordering a user relies on when picking precision and settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from cpt_studio.engine.config import RunConfig
+from cpt_studio.engine.estimate import GIB, estimate_vram, fit_badge, format_bytes, gpu_total_memory
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Info:
+    """A ModelInfo-shaped stand-in (Llama-3.1-8B numbers)."""
+    architecture: str = "LlamaForCausalLM"
+    n_params: int = 8_030_261_248
+    vocab_size: int = 128_256
+    hidden_size: int = 4096
+    n_layers: int = 32
+    tied_embeddings: bool = False
+    linear_module_names: list = field(default_factory=lambda: list(LLAMA_LINEARS))
+    intermediate_size: int = 14336
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    dtype: str = "bfloat16"
+
+
+def p1_config(**training) -> RunConfig:
+    cfg = RunConfig()
+    cfg.model.precision = "4bit"
+    cfg.data.seq_len = 2048
+    cfg.training.batch_size = 2
+    cfg.training.gradient_checkpointing = True
+    for k, v in training.items():
+        setattr(cfg.training, k, v)
+    return cfg
+
+
+def test_4bit_is_smaller_than_bf16_and_base_sizes_are_plausible():
+    cfg = p1_config()
+    est4 = estimate_vram(Info(), cfg)
+    cfg.model.precision = "bf16"
+    est16 = estimate_vram(Info(), cfg)
+    assert est4.total < est16.total
+    # 8B in bf16 is ~15 GiB of weights; in NF4 with bf16 embeddings ~5-6 GiB.
+    assert 14 * GIB < est16.base_weights < 16 * GIB
+    assert 4.5 * GIB < est4.base_weights < 6.5 * GIB
+    # The whole P1 run lands in the range people see on real cards (not more precise than that).
+    assert 15 * GIB < est4.total < 40 * GIB
+
+
+def test_precisions_are_ordered():
+    totals = []
+    for precision in ("4bit", "8bit", "bf16", "fp32"):
+        cfg = p1_config()
+        cfg.model.precision = precision
+        totals.append(estimate_vram(Info(), cfg).base_weights)
+    assert totals == sorted(totals)
+    cfg = p1_config()
+    cfg.model.precision = "auto"
+    assert estimate_vram(Info(), cfg).precision == "4bit"
+
+
+def test_gradient_checkpointing_lowers_activations():
+    on = estimate_vram(Info(), p1_config(gradient_checkpointing=True))
+    off = estimate_vram(Info(), p1_config(gradient_checkpointing=False))
+    assert on.activations * 5 < off.activations
+    assert on.total < off.total
+
+
+def test_batch_and_sequence_scale_activations_and_logits():
+    small = estimate_vram(Info(), p1_config(batch_size=1))
+    big = estimate_vram(Info(), p1_config(batch_size=4))
+    assert big.activations == 4 * small.activations
+    assert big.logits == 4 * small.logits
+    # logits for the full vocabulary: B x T x V x 4 bytes, x2 for the gradient
+    assert small.logits == 2048 * 128_256 * 4 * 2
+
+
+def test_trained_embeddings_counted_once_when_tied():
+    cfg = p1_config()
+    untied = estimate_vram(Info(), cfg).embeddings
+    tied = estimate_vram(Info(tied_embeddings=True, n_params=7_500_000_000), cfg).embeddings
+    assert untied == 2 * tied == 2 * 128_256 * 4096 * 16
+    cfg.adapter.embed_tokens = cfg.adapter.lm_head = "off"
+    assert estimate_vram(Info(), cfg).embeddings == 0
+    cfg.adapter.embed_tokens = "lora"
+    assert 0 < estimate_vram(Info(), cfg).embeddings < tied
+
+
+def test_lora_grows_with_rank_and_targets():
+    cfg = p1_config()
+    r16 = estimate_vram(Info(), cfg).lora
+    # Llama-8B r16 on all 7 projections is ~42M params.
+    assert 40e6 * 16 < r16 < 44e6 * 16
+    cfg.adapter.r = 32
+    assert estimate_vram(Info(), cfg).lora == 2 * r16
+    cfg.adapter.r = 16
+    cfg.adapter.target_modules = ["q_proj", "v_proj"]
+    assert estimate_vram(Info(), cfg).lora < r16 / 5
+
+
+def test_missing_optional_shape_fields_fall_back():
+    @dataclass
+    class Bare:
+        n_params: int = 135_000_000
+        vocab_size: int = 49152
+        hidden_size: int = 576
+        n_layers: int = 30
+        tied_embeddings: bool = True
+        linear_module_names: list = field(default_factory=lambda: list(LLAMA_LINEARS))
+
+    est = estimate_vram(Bare(), RunConfig())
+    assert 0 < est.total < 24 * GIB
+    assert [label for label, _ in est.parts()][0].startswith("Base weights")
+    assert sum(b for _, b in est.parts()) == est.total
+
+
+@pytest.mark.parametrize("total,badge", [(10, "fits"), (85, "fits"), (86, "tight"), (100, "tight"),
+                                         (101, "won't fit")])
+def test_fit_badge(total, badge):
+    assert fit_badge(total * GIB, 100 * GIB) == badge
+
+
+def test_gpu_total_memory_and_format():
+    mem = gpu_total_memory()
+    assert mem is None or mem > 0
+    assert format_bytes(5.84 * GIB) == "5.8 GB"
+    assert format_bytes(500 * 1024 ** 2) == "500 MB"
