@@ -38,7 +38,7 @@ def tiny_config(tiny_model_dir, corpus_dir):
         cfg.data.seq_len = 32
         cfg.data.eval_fraction = 0.1
         t = cfg.training
-        t.max_steps, t.batch_size, t.learning_rate, t.warmup_steps = max_steps, 4, 5e-3, 2
+        t.max_steps, t.batch_size, t.learning_rate, t.warmup_steps = max_steps, 4, 2e-2, 2
         t.gradient_checkpointing = False
         t.kernels = "off"
         cfg.eval.every_steps = 4

@@ -46,9 +46,9 @@ def test_loss_falls_and_adapter_loads(tmp_path, tiny_config):
     assert result.status == "finished" and result.exit_code == 0
     losses = _losses(events)
     assert sorted(losses) == list(range(1, 13))
-    assert losses[12] < losses[1] * 0.8
+    assert losses[12] < losses[1] - 0.3          # a tiny random model: ln(384) = 5.95 at start
     heldout = {e.step: e.eval_loss for e in events if isinstance(e, EvalMetrics) and e.eval_set == "heldout"}
-    assert heldout[12] < heldout[0]
+    assert heldout[12] < heldout[0] - 0.2
     started = next(e for e in events if isinstance(e, RunStarted))
     assert set(started.param_groups) == {"embeddings", "other"}
     assert started.param_groups["embeddings"]["lr"] == cfg.embedding_lr
