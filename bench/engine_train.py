@@ -1,0 +1,104 @@
+"""Our side of P1/P2: the same workload through cpt_studio's engine pieces.
+
+    python bench/engine_train.py --model DIR --shape p1 --steps 12 --warmup 3 [--kernels auto]
+    python bench/engine_train.py --model DIR --shape tiny --no-quant         # CPU check
+
+The setup follows engine/training_setup.setup_training step by step (load_base_model,
+attach_adapters, fp32 trainable weights, gradient checkpointing, build_optimizer, _make_loss_fn)
+with a RunConfig holding the protocol's values; the batches and the timed loop are common.py's,
+the same as baseline_train.py's. Prints one JSON result line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+
+def run_config(args, batch: int, seq: int, device: torch.device):
+    from cpt_studio.engine.config import AdapterConfig, RunConfig, validate
+
+    cfg = RunConfig(name="bench")
+    cfg.model.source = args.model
+    cfg.model.precision = "4bit" if not args.no_quant else (
+        "bf16" if device.type == "cuda" else "fp32")
+    cfg.adapter = AdapterConfig(r=common.LORA_R, alpha=float(common.LORA_ALPHA), dropout=0.0,
+                                target_modules=list(common.TARGET_MODULES),
+                                embed_tokens="full", lm_head="full")
+    cfg.data.seq_len = seq
+    t = cfg.training
+    t.learning_rate, t.embedding_learning_rate = common.LR, common.EMBEDDING_LR
+    t.weight_decay, t.batch_size, t.grad_accum = 0.0, batch, 1
+    t.max_steps, t.warmup_steps, t.schedule = args.steps, 0, "constant"
+    t.max_grad_norm, t.gradient_checkpointing = common.MAX_GRAD_NORM, True
+    t.seed, t.kernels = args.seed, args.kernels
+    problems = validate(cfg)
+    if problems:
+        raise SystemExit(f"bench RunConfig is invalid: {problems}")
+    return cfg
+
+
+def setup(cfg, device: torch.device):
+    """What setup_training does before the data: model, adapters, optimizer, loss function."""
+    from cpt_studio.engine.adapters import attach_adapters
+    from cpt_studio.engine.model_loading import load_base_model
+    from cpt_studio.engine.model_source import resolve_model_source
+    from cpt_studio.engine.optim import build_optimizer
+    from cpt_studio.engine.training_setup import _make_loss_fn, _trainable_to_fp32
+
+    # models_dir is only written for .gguf sources; a model folder resolves to itself.
+    resolved = resolve_model_source(cfg.model.source, Path(cfg.model.source).parent)
+    model, _tokenizer = load_base_model(resolved, cfg.model.precision, device.type,
+                                        cfg.model.trust_remote_code)
+    torch.manual_seed(cfg.training.seed)   # LoRA A init: the baseline seeds the same way
+    model = attach_adapters(model, cfg.adapter)
+    _trainable_to_fp32(model)
+    if cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    optimizer, groups = build_optimizer(model, cfg, device)
+    loss_fn, kernels = _make_loss_fn(model, cfg, device)
+    return model, optimizer, groups, loss_fn, kernels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(parser)
+    parser.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
+                        help="training.kernels (auto = on with CUDA)")
+    args = parser.parse_args()
+    batch, seq = common.resolve_sizes(args)
+    result = {"side": "engine", "shape": args.shape, "batch": batch, "seq": seq,
+              "steps": args.steps, "warmup": args.warmup, "quant": not args.no_quant,
+              "versions": common.versions(), "status": "ok"}
+    try:
+        device = common.pick_device(args.mem_cap_gib)
+        cfg = run_config(args, batch, seq, device)
+        t0 = time.time()
+        model, optimizer, groups, loss_fn, kernels = setup(cfg, device)
+        result.update(load_s=time.time() - t0, precision=cfg.model.precision,
+                      kernels_mode=args.kernels, kernels=[str(k) for k in kernels],
+                      param_groups=groups, trainable=common.trainable_summary(model))
+        vocab = model.get_input_embeddings().num_embeddings
+        batches = common.make_batches(vocab, batch, seq, args.steps, args.seed)
+        result["batches_sha256"] = common.batches_digest(batches)
+        common.log(f"engine: loaded in {result['load_s']:.1f}s ({cfg.model.precision}, "
+                   f"kernels {args.kernels}: {len(kernels)} applied), training {args.steps} steps "
+                   f"of {batch}x{seq}")
+        result.update(common.run_steps(loss_fn, optimizer, model, batches, args.warmup, device))
+    except Exception as exc:   # OOM is an answer (--probe-seq); anything else fails the run
+        if not common.is_oom(exc):
+            raise
+        result.update(status="oom", error=str(exc).splitlines()[0][:300])
+    common.finish(result, args.json_out)
+
+
+if __name__ == "__main__":
+    main()
