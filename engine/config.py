@@ -62,7 +62,9 @@ class AdapterConfig:
     embed_tokens: str = option("full", "Input embeddings: off (frozen), full (trained copy) or lora.",
                                choices=EMBEDDING_MODES)
     lm_head: str = option("full", "Output head: off (frozen), full (trained copy) or lora. With tied "
-                          "embeddings it follows embed_tokens and stays tied.", choices=EMBEDDING_MODES)
+                          "embeddings the two share one matrix: full on either side trains it fully, "
+                          "else lora on either side adapts it, and it stays tied.",
+                          choices=EMBEDDING_MODES)
 
 
 @dataclass
