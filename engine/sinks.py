@@ -17,13 +17,24 @@ class JsonLinesSink:
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
+        self.closed_by_reader = False
 
     def emit(self, event: Event) -> None:
-        self.stream.write(to_json(event) + "\n")
-        self.stream.flush()
+        if self.closed_by_reader:
+            return
+        try:
+            self.stream.write(to_json(event) + "\n")
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):
+            # The GUI that read us went away (closed with "keep training"): the run goes on and
+            # the run folder's events.jsonl still records everything.
+            self.closed_by_reader = True
 
     def close(self) -> None:
-        self.stream.flush()
+        try:
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
 
 
 class RunFolderSink:

@@ -1,1 +1,29 @@
-"""cpt_studio.kernels."""
+"""cpt_studio.kernels: Triton kernels for training, each with a pure-PyTorch reference.
+
+Imports only torch and (optionally) triton; importing this package never needs Triton. Each op
+takes `backend="auto" | "triton" | "torch"` (see dispatch.use_triton):
+
+- rmsnorm(x, weight, eps)                       RMSNorm, fwd + bwd (dX, dW)
+- apply_rope(q, k, cos, sin, unsqueeze_dim)     rotary embedding of q and k in one launch
+- swiglu(gate, up)                              silu(gate) * up, silu recomputed in the bwd
+- fused_linear_cross_entropy(hidden, weight, labels, lora_A=, lora_B=, ...)
+                                                 chunked lm_head + CE, no [N, V] logits
+"""
+from .dispatch import triton_available, use_triton
+from .fused_linear_cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
+from .rmsnorm import rmsnorm, rmsnorm_reference
+from .rope import apply_rope, rope_reference
+from .swiglu import swiglu, swiglu_reference
+
+__all__ = [
+    "apply_rope",
+    "fused_linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "rmsnorm",
+    "rmsnorm_reference",
+    "rope_reference",
+    "swiglu",
+    "swiglu_reference",
+    "triton_available",
+    "use_triton",
+]

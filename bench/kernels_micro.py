@@ -1,0 +1,133 @@
+"""Micro-benchmark: forward + backward of each kernel vs its PyTorch reference, on one GPU.
+
+Usage (on the device): python bench/kernels_micro.py [--quick]
+Prints one row per case: median time of fwd+bwd (triton.testing.do_bench, fresh random inputs,
+grads reset between runs), peak extra memory of one fwd+bwd, and the relative error of the
+kernel's output vs the reference. The baseline is measured in the same run, on the same inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def _peak_gib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def _case(name, kernel, reference, leaves, rep=200):
+    """kernel/reference: () -> output tensor whose backward runs inside; leaves get grads reset."""
+    import triton.testing
+
+    def run(fn):
+        return lambda: fn()
+
+    rows = []
+    outs = {}
+    for label, fn in (("torch", reference), ("kernel", kernel)):
+        for t in leaves:
+            t.grad = None
+        outs[label] = fn().detach().float()
+        peak = _peak_gib(fn)
+        ms = triton.testing.do_bench(run(fn), warmup=25, rep=rep, grad_to_none=leaves, return_mode="median")
+        rows.append((label, ms, peak))
+    err = ((outs["kernel"] - outs["torch"]).norm() / outs["torch"].norm()).item()
+    (_, t_ref, m_ref), (_, t_k, m_k) = rows
+    print(f"| {name} | {t_ref:.3f} | {t_k:.3f} | {t_ref / t_k:.2f}x | {m_ref:.2f} | {m_k:.2f} | {err:.1e} |",
+          flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller shapes (smoke test)")
+    args = ap.parse_args(argv)
+    import transformers
+    import triton
+
+    from cpt_studio.kernels.fused_linear_cross_entropy import (
+        fused_linear_cross_entropy, linear_cross_entropy_reference)
+    from cpt_studio.kernels.rmsnorm import RMSNormFunction, rmsnorm_reference
+    from cpt_studio.kernels.rope import RopeFunction, rope_reference
+    from cpt_studio.kernels.swiglu import SwiGLUFunction, swiglu_reference
+
+    dev, bf16 = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"transformers {transformers.__version__} | {datetime.date.today()}")
+    print("| case | torch ms | kernel ms | speed-up | torch peak GiB | kernel peak GiB | rel err |")
+    print("|---|---|---|---|---|---|---|")
+    n = 1024 if args.quick else 8192
+
+    x = torch.randn(n, 4096, device=dev, dtype=bf16, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(4096, device=dev)).to(bf16).requires_grad_()
+    dy = torch.randn_like(x)
+
+    def bwd(y, g):
+        y.backward(g)
+        return y
+
+    _case(f"RMSNorm {n}x4096 bf16", lambda: bwd(RMSNormFunction.apply(x, w, 1e-6), dy),
+          lambda: bwd(rmsnorm_reference(x, w, 1e-6), dy), [x, w])
+    xd, wd = x.detach(), w.detach()
+    _case(f"RMSNorm {n}x4096 bf16, forward only", lambda: RMSNormFunction.apply(xd, wd, 1e-6),
+          lambda: rmsnorm_reference(xd, wd, 1e-6), [])
+
+    g = torch.randn(n, 14336, device=dev, dtype=bf16, requires_grad=True)
+    u = torch.randn(n, 14336, device=dev, dtype=bf16, requires_grad=True)
+    dy = torch.randn_like(g)
+    _case(f"SwiGLU {n}x14336 bf16", lambda: bwd(SwiGLUFunction.apply(g, u), dy),
+          lambda: bwd(swiglu_reference(g, u), dy), [g, u])
+
+    b, s = n // 2048 or 1, min(n, 2048)
+    q = torch.randn(b, s, 32, 128, device=dev, dtype=bf16).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, s, 8, 128, device=dev, dtype=bf16).transpose(1, 2).requires_grad_()
+    freqs = torch.arange(s, device=dev).float()[:, None] / 10000 ** (torch.arange(0, 128, 2, device=dev) / 128)
+    emb = torch.cat((freqs, freqs), -1)[None]
+    cos, sin = emb.cos().to(bf16), emb.sin().to(bf16)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+
+    def rope_bwd(pair):
+        torch.autograd.backward(pair, (dq, dk))
+        return pair[0]
+
+    _case(f"RoPE q{b}x32x{s}x128 k 8 heads bf16", lambda: rope_bwd(RopeFunction.apply(q, k, cos, sin)),
+          lambda: rope_bwd(rope_reference(q, k, cos, sin)), [q, k])
+
+    vocab, hidden = (32000, 2048) if args.quick else (128256, 4096)
+    h = torch.randn(n, hidden, device=dev, dtype=bf16, requires_grad=True)
+    wt = (torch.randn(vocab, hidden, device=dev) / hidden ** 0.5).to(bf16).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), device=dev)
+    labels[::97] = -100
+
+    def loss_bwd(loss):
+        loss.backward()
+        return loss
+
+    shape = f"N={n} H={hidden} V={vocab}"
+    ref = lambda: loss_bwd(linear_cross_entropy_reference(h, wt, labels))  # noqa: E731
+    for chunk in (None, 4096) if not args.quick else (None,):
+        label = f"chunk {chunk}" if chunk else "default chunk"
+        _case(f"fused linear+CE {shape}, trained W, {label}",
+              lambda: loss_bwd(fused_linear_cross_entropy(h, wt, labels, chunk_rows=chunk)), ref, [h, wt], rep=500)
+    _case(f"fused linear+CE {shape}, trained W, PyTorch chunked CE",
+          lambda: loss_bwd(fused_linear_cross_entropy(h, wt, labels, backend="torch")), ref, [h, wt], rep=500)
+    wf = wt.detach()
+    la = (torch.randn(16, hidden, device=dev) / hidden ** 0.5).requires_grad_()
+    lb = (torch.randn(vocab, 16, device=dev) * 0.01).requires_grad_()
+    _case(f"fused linear+CE {shape}, frozen W + LoRA r16",
+          lambda: loss_bwd(fused_linear_cross_entropy(h, wf, labels, lora_A=la, lora_B=lb, lora_scaling=2.0)),
+          lambda: loss_bwd(linear_cross_entropy_reference(h, wf, labels, la, lb, 2.0)), [h, la, lb], rep=500)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

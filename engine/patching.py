@@ -1,0 +1,248 @@
+"""Applies the Triton kernels to one loaded model instance, reversibly.
+
+Usage (engine/training_setup.py):
+    patch = apply_kernels(model, enabled=True)       # a PeftModel or a plain causal LM
+    loss = patch.loss(model, input_ids, labels)      # fused lm_head + CE where it applies
+    patch.summary()                                  # lines for the Run page / log
+    patch.revert()                                   # the original forwards, bit for bit
+
+What is patched, per module instance (a new `forward` bound on the instance; classes inside
+transformers are never touched, nothing happens at import time):
+- every RMSNorm of a Llama / Mistral / Qwen2 / Qwen3 model -> kernels.rmsnorm
+- every MLP of those models with a SiLU gate: down(swiglu(gate(x), up(x))); gate/up/down stay
+  the modules they are (LoRA-wrapped or 4-bit), only the activation product is fused
+- the loss: `patch.loss` runs the decoder body, then the chunked fused lm_head + cross-entropy
+  with the head's weight: a plain Linear, peft's modules_to_save copy (fully trained), a peft
+  lora.Linear on a frozen weight, or the tied-embedding LoRA head of engine.adapters.
+RoPE is not patched: transformers calls `apply_rotary_pos_emb`, a module-level function, from
+inside each attention forward, so the only per-instance hook is a copy of the whole attention
+forward (cache, sliding windows, q/k norms differ per architecture and version); the kernel
+(kernels.apply_rope) is tested and ready for the day that hook exists.
+"""
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_CLASS_PREFIXES = ("Llama", "Mistral", "Qwen2", "Qwen3")
+_SILU_CLASSES = ("SiLU", "SiLUActivation")
+_MARK = "__cpt_kernel__"  # set on our bound forwards, to refuse patching twice
+ROPE_NOT_PATCHED = ("RoPE: not patched (transformers applies it inside the attention forward; "
+                    "no per-instance hook)")
+
+
+@dataclass
+class LmHead:
+    """The matrices the fused loss needs: logits = x W^T + scaling * (dropout(x) A^T) B^T."""
+
+    weight: torch.Tensor
+    kind: str  # "trained copy", "frozen", "LoRA on frozen weight", ...
+    lora_A: torch.Tensor | None = None
+    lora_B: torch.Tensor | None = None
+    scaling: float = 1.0
+    dropout: nn.Module | None = None
+
+
+class UnsupportedHead(Exception):
+    """The output head has a form the fused loss does not handle (the plain loss is used)."""
+
+
+@dataclass
+class KernelPatch:
+    """What apply_kernels did to one model; `loss` and `revert` are what the trainer calls."""
+
+    enabled: bool
+    backend: str = "auto"
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    fused_loss: bool = False
+    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def loss(self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token loss (labels shifted inside, -100 ignored), as model(...).loss."""
+        if self.enabled and self.fused_loss:
+            try:
+                return fused_causal_lm_loss(model, input_ids, labels, attention_mask, backend=self.backend)
+            except UnsupportedHead as exc:  # the head changed since apply_kernels (adapter switched)
+                log.info("fused loss skipped: %s", exc)
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
+
+    def revert(self) -> None:
+        """Restores every patched forward; safe to call twice."""
+        while self._undo:
+            self._undo.pop()()
+        self.counts.clear()
+        self.fused_loss = False
+
+    def summary(self) -> list[str]:
+        """One line per op, for the Run page and the log."""
+        if not self.enabled:
+            return ["kernels off: transformers' own forward and loss"]
+        lines = [f"{op}: {n} modules" for op, n in self.counts.items()]
+        return lines + self.notes
+
+
+def apply_kernels(model: nn.Module, enabled: bool = True, backend: str = "auto") -> KernelPatch:
+    """Patches one model instance (see the module docstring); enabled=False patches nothing.
+
+    Args:
+        model: a transformers causal LM, or a peft model wrapping one.
+        enabled: False gives a no-op patch whose loss() is model(...).loss.
+        backend: "auto" (Triton on CUDA), "triton" or "torch" (see kernels.dispatch).
+    """
+    patch = KernelPatch(enabled=enabled, backend=backend)
+    if not enabled:
+        return patch
+    from cpt_studio.kernels import rmsnorm, swiglu, triton_available  # lazy: no import-time cost
+
+    causal_lm = _causal_lm(model)
+    model_type = getattr(getattr(causal_lm, "config", None), "model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        patch.enabled = False
+        patch.notes.append(f"kernels off: architecture {model_type or type(causal_lm).__name__!r} "
+                           f"is not one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+        return patch
+    impl = "Triton" if triton_available() and backend != "torch" else "PyTorch"
+
+    def rmsnorm_forward(self, hidden_states):
+        return rmsnorm(hidden_states, self.weight, self.variance_epsilon, backend=backend)
+
+    def mlp_forward(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
+
+    for module in model.modules():
+        name = type(module).__name__
+        if not name.startswith(_CLASS_PREFIXES):
+            continue
+        if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            _bind(patch, module, rmsnorm_forward, f"RMSNorm ({impl})")
+        elif name.endswith("MLP") and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            if type(getattr(module, "act_fn", None)).__name__ in _SILU_CLASSES:
+                _bind(patch, module, mlp_forward, f"SwiGLU MLP ({impl})")
+    patch.notes.append(ROPE_NOT_PATCHED)
+    try:
+        head = resolve_lm_head(causal_lm)
+        patch.fused_loss = True
+        patch.notes.append(f"lm_head + cross-entropy: fused and chunked ({head.kind} head)")
+    except UnsupportedHead as exc:
+        patch.notes.append(f"lm_head + cross-entropy: not fused ({exc})")
+    log.info("kernels: %s", "; ".join(patch.summary()))
+    return patch
+
+
+def _bind(patch: KernelPatch, module: nn.Module, forward, label: str) -> None:
+    current = module.__dict__.get("forward")
+    if current is not None and getattr(current, _MARK, False):
+        raise RuntimeError("Kernels are already applied to this model; revert() the earlier patch first")
+    bound = types.MethodType(forward, module)
+    setattr(bound.__func__, _MARK, True)
+    module.forward = bound
+
+    def undo():
+        if current is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = current
+
+    patch._undo.append(undo)
+    patch.counts[label] = patch.counts.get(label, 0) + 1
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM inside a peft model (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def resolve_lm_head(causal_lm: nn.Module) -> LmHead:
+    """The weight (and LoRA factors) the output head applies now, following peft's wrappers.
+
+    Raises:
+        UnsupportedHead: a quantized head, a bias, DoRA or another LoRA variant, several active
+            adapters, or a module kind not listed in the module docstring.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    from .adapters import TiedLoraHead
+
+    head = causal_lm.get_output_embeddings()
+    kind = ""
+    if isinstance(head, ModulesToSaveWrapper):
+        active = head.active_adapters
+        if head.disable_adapters or not active or any(a not in head._adapters for a in active):
+            head = head.original_module
+        else:
+            head, kind = head.modules_to_save[active[0]], "trained copy"
+    if isinstance(head, TiedLoraHead):
+        base, emb = head.base_layer, head._embedding[0]
+        names = [] if emb.disable_adapters or emb.merged else [
+            n for n in emb.active_adapters if n in emb.lora_embedding_A]
+        weight = _plain_weight(base)
+        if not names:
+            return LmHead(weight, "tied")
+        if len(names) > 1:
+            raise UnsupportedHead("several active adapters on the tied head")
+        n = names[0]  # head(x) = x W^T + s (x B_emb) A_emb, so A = B_emb^T, B = A_emb^T
+        return LmHead(weight, "tied, LoRA", emb.lora_embedding_B[n].t(), emb.lora_embedding_A[n].t(),
+                      float(emb.scaling[n]), emb.lora_dropout[n] if n in emb.lora_dropout else None)
+    if isinstance(head, LoraLayer):
+        weight = _plain_weight(head.get_base_layer())
+        if head.disable_adapters or head.merged:
+            return LmHead(weight, "frozen")
+        names = [n for n in head.active_adapters if n in head.lora_A]
+        if len(names) > 1:
+            raise UnsupportedHead("several active LoRA adapters on lm_head")
+        if not names:
+            return LmHead(weight, "frozen")
+        n = names[0]
+        if n in getattr(head, "lora_variant", {}) or head.lora_B[n].bias is not None:
+            raise UnsupportedHead("a LoRA variant (DoRA) or a LoRA bias on lm_head")
+        return LmHead(weight, "LoRA on frozen weight", head.lora_A[n].weight, head.lora_B[n].weight,
+                      float(head.scaling[n]), head.lora_dropout[n])
+    weight = _plain_weight(head)
+    return LmHead(weight, kind or ("trained" if weight.requires_grad else "frozen"))
+
+
+def _plain_weight(module) -> torch.Tensor:
+    if type(module) is not nn.Linear or module.bias is not None:
+        raise UnsupportedHead(f"lm_head is a {type(module).__name__}"
+                              f"{' with a bias' if getattr(module, 'bias', None) is not None else ''}")
+    if not module.weight.dtype.is_floating_point:
+        raise UnsupportedHead("lm_head is quantized")
+    return module.weight
+
+
+def fused_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                         attention_mask: torch.Tensor | None = None, *, backend: str = "auto",
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """model(input_ids, labels=labels).loss without the [B, S, V] logits.
+
+    Runs the decoder body (the causal LM's base model, inside peft's wrappers), then the fused
+    chunked lm_head + cross-entropy. Labels are shifted as transformers' ForCausalLMLoss does:
+    position t predicts labels[t + 1]; the last position and -100 labels are ignored.
+
+    Raises:
+        UnsupportedHead: see resolve_lm_head.
+    """
+    from cpt_studio.kernels import fused_linear_cross_entropy
+
+    causal_lm = _causal_lm(model)
+    head = resolve_lm_head(causal_lm)
+    body = getattr(causal_lm, causal_lm.base_model_prefix)
+    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    return fused_linear_cross_entropy(
+        hidden, head.weight, shift_labels, lora_A=head.lora_A, lora_B=head.lora_B,
+        lora_scaling=head.scaling, lora_dropout=head.dropout, chunk_rows=chunk_rows, backend=backend)
