@@ -40,5 +40,6 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int,
                                 use_cache=True, pad_token_id=tokenizer.pad_token_id,
                                 eos_token_id=tokenizer.eos_token_id)
         new_tokens = output[0, encoded["input_ids"].shape[1]:]
-        texts.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
+        # A byte-level token cut at max_new_tokens can end mid-character: drop the stray U+FFFD.
+        texts.append(tokenizer.decode(new_tokens, skip_special_tokens=True).rstrip("\ufffd"))
     return texts
