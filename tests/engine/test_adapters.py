@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from tiny_models import build_tiny_model
 from cpt_studio.engine.adapters import (attach_adapters, count_parameters, describe_param_groups,
                                         discover_target_modules, embedding_param_groups)
 from cpt_studio.engine.config import AdapterConfig

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from tiny_models import build_tiny_model
 from cpt_studio.engine.adapters import attach_adapters
 from cpt_studio.engine.config import AdapterConfig
 from cpt_studio.engine.errors import ModelSourceError

@@ -7,12 +7,11 @@ tests run compiled on CUDA when marked gpu (pytest -m gpu on the device).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import build_tiny_model
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -30,11 +29,7 @@ def _one_thread():
 
 
 def _build_tiny_model(arch="llama", tied=False):
-    """tests/conftest.py's build_tiny_model, loaded by path ('conftest' names several modules)."""
-    spec = importlib.util.spec_from_file_location("_root_conftest", Path(__file__).parents[1] / "conftest.py")
-    root = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(root)
-    return root.build_tiny_model(arch, tied)
+    return build_tiny_model(arch, tied)
 
 
 def _peft_model(head="full", arch="llama", dev="cpu"):
