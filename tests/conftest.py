@@ -18,6 +18,7 @@ from tiny_models import build_tiny_model, build_tiny_tokenizer
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")   # GUI tests need no display
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
