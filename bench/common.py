@@ -114,6 +114,11 @@ def run_steps(loss_fn, optimizer, model, batches: torch.Tensor, warmup: int,
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    gib = 2**30
+    # Resident before step 1 (weights, adapters) and after step 1 (+ optimizer states; grads are
+    # freed by zero_grad(set_to_none=True)): what the peak adds on top is activations + grads.
+    mem = {"allocated_before_step1_gib": torch.cuda.memory_allocated() / gib if cuda else None,
+           "allocated_after_step1_gib": None}
     model.train()
     losses, times = [], []
     for batch in batches:
@@ -127,10 +132,11 @@ def run_steps(loss_fn, optimizer, model, batches: torch.Tensor, warmup: int,
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        if cuda and len(times) == 1:
+            mem["allocated_after_step1_gib"] = torch.cuda.memory_allocated() / gib
     timed = times[warmup:] or times
     tokens = batches.shape[1] * batches.shape[2]
-    gib = 2**30
-    return {
+    return {**mem,
         "losses": losses, "step_times_s": times,
         "mean_loss_timed": sum(losses[warmup:] or losses) / len(losses[warmup:] or losses),
         "tokens_per_s": tokens * len(timed) / sum(timed),

@@ -100,6 +100,8 @@ def compare_rows(base: dict, ours: dict) -> list[tuple[str, str, str, str]]:
     for key, label, fmt in (("tokens_per_s", "tokens/s", ",.0f"),
                             ("peak_allocated_gib", "peak allocated GiB", ".2f"),
                             ("peak_reserved_gib", "peak reserved GiB", ".2f"),
+                            ("allocated_before_step1_gib", "allocated before step 1 GiB", ".2f"),
+                            ("allocated_after_step1_gib", "allocated after step 1 GiB", ".2f"),
                             ("load_s", "load + setup s", ".1f")):
         b, o = base.get(key), ours.get(key)
         rows.append((label, _num(b, fmt), _num(o, fmt), _ratio(o, b) if ok else "-"))

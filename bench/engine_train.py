@@ -4,7 +4,8 @@
     python bench/engine_train.py --model DIR --shape tiny --no-quant         # CPU check
 
 The setup follows engine/training_setup.setup_training step by step (load_base_model,
-attach_adapters, fp32 trainable weights, gradient checkpointing, build_optimizer, _make_loss_fn)
+attach_adapters, fp32 trainable weights, prepare_embeddings (frozen originals freed, bf16 stream),
+gradient checkpointing, build_optimizer (8-bit embedding states on CUDA), _make_loss_fn)
 with a RunConfig holding the protocol's values; the batches and the timed loop are common.py's,
 the same as baseline_train.py's. Prints one JSON result line.
 """
@@ -39,6 +40,9 @@ def run_config(args, batch: int, seq: int, device: torch.device):
     t.max_steps, t.warmup_steps, t.schedule = args.steps, 0, "constant"
     t.max_grad_norm, t.gradient_checkpointing = common.MAX_GRAD_NORM, True
     t.seed, t.kernels = args.seed, args.kernels
+    t.embedding_optimizer = args.embedding_optimizer
+    t.stream_in_compute_dtype = not args.fp32_stream
+    t.free_frozen_embeddings = not args.keep_frozen_embeddings
     problems = validate(cfg)
     if problems:
         raise SystemExit(f"bench RunConfig is invalid: {problems}")
@@ -51,7 +55,8 @@ def setup(cfg, device: torch.device):
     from cpt_studio.engine.model_loading import load_base_model
     from cpt_studio.engine.model_source import resolve_model_source
     from cpt_studio.engine.optim import build_optimizer
-    from cpt_studio.engine.training_setup import _make_loss_fn, _trainable_to_fp32
+    from cpt_studio.engine.training_setup import (_make_loss_fn, _trainable_to_fp32,
+                                                  prepare_embeddings)
 
     # models_dir is only written for .gguf sources; a model folder resolves to itself.
     resolved = resolve_model_source(cfg.model.source, Path(cfg.model.source).parent)
@@ -60,12 +65,13 @@ def setup(cfg, device: torch.device):
     torch.manual_seed(cfg.training.seed)   # LoRA A init: the baseline seeds the same way
     model = attach_adapters(model, cfg.adapter)
     _trainable_to_fp32(model)
+    embeddings = prepare_embeddings(model, cfg)
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     optimizer, groups = build_optimizer(model, cfg, device)
     loss_fn, kernels = _make_loss_fn(model, cfg, device)
-    return model, optimizer, groups, loss_fn, kernels
+    return model, optimizer, groups, loss_fn, kernels, embeddings
 
 
 def main() -> None:
@@ -73,6 +79,12 @@ def main() -> None:
     common.add_common_args(parser)
     parser.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                         help="training.kernels (auto = on with CUDA)")
+    parser.add_argument("--embedding-optimizer", choices=("auto", "adamw", "adamw8bit"),
+                        default="auto", help="training.embedding_optimizer")
+    parser.add_argument("--fp32-stream", action="store_true",
+                        help="training.stream_in_compute_dtype off")
+    parser.add_argument("--keep-frozen-embeddings", action="store_true",
+                        help="training.free_frozen_embeddings off")
     args = parser.parse_args()
     batch, seq = common.resolve_sizes(args)
     result = {"side": "engine", "shape": args.shape, "batch": batch, "seq": seq,
@@ -82,8 +94,10 @@ def main() -> None:
         device = common.pick_device(args.mem_cap_gib)
         cfg = run_config(args, batch, seq, device)
         t0 = time.time()
-        model, optimizer, groups, loss_fn, kernels = setup(cfg, device)
+        model, optimizer, groups, loss_fn, kernels, embeddings = setup(cfg, device)
         result.update(load_s=time.time() - t0, precision=cfg.model.precision,
+                      embedding_setup=embeddings, optimizer=(repr(optimizer) if hasattr(optimizer, "parts")
+                                                           else type(optimizer).__name__),
                       kernels_mode=args.kernels, kernels=[str(k) for k in kernels],
                       param_groups=groups, trainable=common.trainable_summary(model))
         vocab = model.get_input_embeddings().num_embeddings

@@ -27,6 +27,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "8bit", "4bit")
 EMBEDDING_MODES = ("off", "full", "lora")
 SCHEDULES = ("cosine", "linear", "constant")
 KERNEL_MODES = ("auto", "on", "off")
+EMBEDDING_OPTIMIZERS = ("auto", "adamw", "adamw8bit")
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
@@ -104,6 +105,20 @@ class TrainingConfig:
     gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")
     seed: int = option(42, "Seed for data order, LoRA init and dropout.", minimum=0)
     kernels: str = option("auto", "Triton kernels: auto = on for CUDA, on, or off.", choices=KERNEL_MODES)
+    embedding_optimizer: str = option(
+        "auto", "Optimizer of the embeddings group (embed_tokens, lm_head): adamw (fp32 states, "
+        "8 bytes a parameter) or adamw8bit (bitsandbytes' blockwise 8-bit states, 2 bytes a "
+        "parameter; the other group stays torch AdamW). auto = adamw8bit on CUDA, adamw elsewhere "
+        "(bitsandbytes' 8-bit step is slow on CPU).", choices=EMBEDDING_OPTIMIZERS)
+    stream_in_compute_dtype: bool = option(
+        True, "Under bf16 autocast (CUDA), cast the output of the fp32 trained embed_tokens to bf16 "
+        "so hidden states, checkpointed activations and elementwise ops stay bf16; the weights "
+        "keep fp32 masters and fp32 gradients. Off = the whole residual stream runs in fp32.")
+    free_frozen_embeddings: bool = option(
+        True, "Free the frozen base copy that peft keeps beside a fully trained embed_tokens / "
+        "lm_head while training (vocab x hidden x 2 bytes each). It is only needed to run the "
+        "model with the adapter disabled, which training never does; saved adapters and "
+        "checkpoints are unchanged.")
     log_every_steps: int = option(1, "Emit step metrics every N optimizer steps.", minimum=1)
 
 

@@ -1,4 +1,10 @@
-"""AdamW with two learning rates (embeddings vs the rest) and the warmup + decay schedule."""
+"""AdamW with two learning rates (embeddings vs the rest) and the warmup + decay schedule.
+
+training.embedding_optimizer picks the embeddings group's optimizer: torch AdamW (one optimizer
+for both groups, as before) or bitsandbytes' AdamW8bit (blockwise 8-bit states) for that group
+beside torch AdamW for the rest, joined in a `CombinedOptimizer` that the scheduler, clipping,
+checkpoints and resume treat as one optimizer.
+"""
 from __future__ import annotations
 
 import math
@@ -9,6 +15,22 @@ from .adapters import describe_param_groups, embedding_param_groups
 from .config import RunConfig
 
 
+BETAS, EPS = (0.9, 0.999), 1e-8
+
+
+def resolve_embedding_optimizer(choice: str, device: torch.device) -> str:
+    """"adamw" or "adamw8bit" for training.embedding_optimizer on `device` ("auto" resolved)."""
+    if choice == "auto":
+        if device.type != "cuda":
+            return "adamw"   # bitsandbytes' 8-bit step runs on CPU, ~4x slower than torch's
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return "adamw"
+        return "adamw8bit"
+    return choice
+
+
 def build_optimizer(model, cfg: RunConfig, device: torch.device):
     """AdamW over the two parameter groups; returns (optimizer, {group name: description})."""
     groups = embedding_param_groups(model, cfg.training.learning_rate, cfg.embedding_lr,
@@ -16,8 +38,78 @@ def build_optimizer(model, cfg: RunConfig, device: torch.device):
     groups = [g for g in groups if g["params"]]
     # fused AdamW is the fastest path on CUDA; on CPU the foreach path is the default.
     extra = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, **extra)
-    return optimizer, describe_param_groups(groups)
+    kind = resolve_embedding_optimizer(cfg.training.embedding_optimizer, device)
+    described = describe_param_groups(groups)
+    for g in groups:
+        described[g["name"]]["optimizer"] = (
+            "adamw8bit" if kind == "adamw8bit" and g["name"] == "embeddings" else "adamw")
+    embeddings = [g for g in groups if g["name"] == "embeddings"]
+    if kind != "adamw8bit" or not embeddings:
+        return torch.optim.AdamW(groups, betas=BETAS, eps=EPS, **extra), described
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        from .errors import ConfigError
+        raise ConfigError({"training.embedding_optimizer": "adamw8bit needs bitsandbytes, which "
+                           "is not installed; use adamw"}) from None
+    # Tensors under 4096 elements (bnb's min_8bit_size) keep 32-bit states inside bnb too.
+    parts = [bnb.optim.AdamW8bit(embeddings, betas=BETAS, eps=EPS)]
+    other = [g for g in groups if g["name"] != "embeddings"]
+    if other:
+        parts.append(torch.optim.AdamW(other, betas=BETAS, eps=EPS, **extra))
+    return CombinedOptimizer(parts), described
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers stepped as one: param_groups (the parts' own dicts, so a scheduler's lr
+    changes reach them), step, zero_grad, and a state_dict of the parts' state dicts (tensors,
+    numbers and strings only: torch.load(weights_only=True) reads it).
+    """
+
+    def __init__(self, parts: list[torch.optim.Optimizer]):
+        # Optimizer.__init__ would re-register the groups; only its bookkeeping is needed here.
+        self.parts = list(parts)
+        self.defaults = {}
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self._optimizer_state_dict_pre_hooks = {}
+        self._optimizer_state_dict_post_hooks = {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for part in self.parts for g in part.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for part in self.parts for p, s in part.state.items()}
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for part in self.parts:
+            part.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"combined": [type(p).__name__ for p in self.parts],
+                "parts": [p.state_dict() for p in self.parts]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        names = [type(p).__name__ for p in self.parts]
+        if not isinstance(state_dict, dict) or state_dict.get("combined") != names:
+            saved = state_dict.get("combined", "one torch AdamW") if isinstance(state_dict, dict) else "?"
+            raise ValueError(f"the saved optimizer is {saved}, this run uses {names} "
+                             "(training.embedding_optimizer differs)")
+        for part, sd in zip(self.parts, state_dict["parts"]):
+            part.load_state_dict(sd)
+
+    def __repr__(self) -> str:
+        return f"CombinedOptimizer({', '.join(type(p).__name__ for p in self.parts)})"
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:

@@ -88,6 +88,7 @@ def setup_training(cfg: RunConfig, workspace, emit: Callable, device: Optional[t
                                        cfg.model.trust_remote_code)
     model = attach_adapters(model, cfg.adapter, init_from)
     _trainable_to_fp32(model)
+    prepare_embeddings(model, cfg)
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -124,6 +125,20 @@ def _trainable_to_fp32(model) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
+
+
+def prepare_embeddings(model, cfg: RunConfig) -> dict:
+    """The training.* embedding switches on an adapted model whose trainables are fp32 already:
+    free peft's frozen originals of fully trained embed_tokens/lm_head, keep the residual
+    stream in the autocast dtype. Returns what was done, for logs and the bench."""
+    from .embedding_memory import free_frozen_originals, keep_stream_in_compute_dtype
+
+    t = cfg.training
+    done = {"freed_bytes": free_frozen_originals(model) if t.free_frozen_embeddings else 0,
+            "stream_in_compute_dtype": bool(t.stream_in_compute_dtype)}
+    if t.stream_in_compute_dtype:
+        keep_stream_in_compute_dtype(model)
+    return done
 
 
 def _load_optimizer_state(optimizer, folder: Path) -> None:

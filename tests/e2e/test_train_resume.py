@@ -1,6 +1,7 @@
 """The engine end to end on a tiny model: loss falls, resume is exact, adapters load and continue."""
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -71,8 +72,11 @@ def test_loss_falls_and_adapter_loads(tmp_path, tiny_config):
         assert not torch.allclose(plain(input_ids=ids).logits, logits)
 
 
-def test_resume_continues_the_same_curve_bitwise(tmp_path, tiny_config):
-    cfg = tiny_config(max_steps=8, adapter={"dropout": 0.1})
+@pytest.mark.parametrize("embedding_optimizer", ["auto", "adamw8bit"])
+def test_resume_continues_the_same_curve_bitwise(tmp_path, tiny_config, embedding_optimizer):
+    # auto = torch AdamW on CPU; adamw8bit = bitsandbytes' 8-bit states for the embeddings group.
+    cfg = tiny_config(max_steps=8, adapter={"dropout": 0.1},
+                      training={"embedding_optimizer": embedding_optimizer})
     _, full_events, _ = _train(Workspace(tmp_path / "a"), cfg)
 
     workspace = Workspace(tmp_path / "b")
