@@ -16,10 +16,21 @@ import pytest
 
 from tiny_models import build_tiny_model, build_tiny_tokenizer
 
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")   # GUI tests need no display
+# Triton decides at import whether its kernels are interpreted: set it before anything (peft,
+# bitsandbytes, our kernels) imports triton, or a later kernel test meets compiled-mode kernels.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():

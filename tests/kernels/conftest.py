@@ -23,7 +23,8 @@ def dev(request) -> str:
     """'cpu' (interpreted Triton) or 'cuda': parametrised indirectly through kernel_cases.on_devices."""
     dev = request.param
     if dev == "cpu" and not dispatch.TRITON_INTERPRETED:
-        pytest.skip("Triton's interpreter is not on (Triton missing, or kernels imported before TRITON_INTERPRET)")
+        pytest.fail("Triton's interpreter is not on (Triton missing, or kernels imported before "
+                    "TRITON_INTERPRET was set): the CPU kernel checks cannot run")
     if dev == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     return dev
