@@ -17,14 +17,17 @@ tell a 24 GB card from an 80 GB one, not to predict the allocator's peak. Terms 
   it, else from the name (gate/up/fc1: hidden -> intermediate, down/fc2: intermediate -> hidden,
   k/v: hidden -> kv dim, everything else hidden -> hidden).
 - trainable embeddings: a `full` embed_tokens or lm_head is a trained fp32 copy of vocab x hidden
-  (weight + gradient + 2 AdamW moments = 16 B/param); `lora` is r * (vocab + hidden) at 16 B/param;
-  with tied embeddings the two are one matrix and counted once.
+  (weight + gradient = 8 B/param, plus AdamW moments: 8 B in fp32, 2 B as the 8-bit states that
+  `embedding_optimizer` auto/adamw8bit uses on a GPU); `lora` is r * (vocab + hidden) params; with
+  tied embeddings the two are one matrix and counted once. With `free_frozen_embeddings` the frozen
+  originals of fully trained copies leave the base-weights term.
 - activations, per token and layer, in the compute dtype (2 B, 4 for fp32), assuming SDPA/flash
   attention (no seq x seq score matrix is kept):
   `8 * hidden + 2 * kv_dim + 4 * intermediate` values (norm outputs, q/k/v, attention output,
   residuals, gate/up, activation, product) -> x batch x seq x layers. With gradient checkpointing
   only each layer's input (hidden values) is kept, plus one layer's full set during recompute.
-- logits: batch x seq x vocab x 4 B (fp32 for the loss), x2 for their gradient.
+- logits: batch x seq x vocab x 4 B (fp32 for the loss), x2 for their gradient; with kernels on,
+  the fused loss holds one chunk of at most 2048 rows in bf16 (and its gradient).
 - CUDA context and allocator slack: a flat 500 MB.
 """
 from __future__ import annotations
@@ -41,6 +44,7 @@ TIGHT_FRACTION = 0.85
 # Bytes per parameter of a frozen Linear weight.
 LINEAR_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "8bit": 1.0 + 4 / 4096, "4bit": 0.5 + 0.016}
 TRAINABLE_BYTES = 16.0        # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
+FUSED_CE_CHUNK_ROWS = 2048    # rows of logits the fused loss (kernels on) materialises at once
 ACT_HIDDEN, ACT_KV, ACT_INTERMEDIATE = 8, 2, 4
 
 _UP_NAMES = ("gate", "up", "fc1", "w1", "w3", "c_fc", "dense_h_to_4h")
@@ -122,6 +126,12 @@ def _embedding_params(info: Any, cfg: RunConfig, shape: dict[str, int]) -> int:
     return per_mode.get(cfg.adapter.embed_tokens, 0) + per_mode.get(cfg.adapter.lm_head, 0)
 
 
+def _embedding_bytes_per_param(cfg: RunConfig) -> float:
+    """fp32 weight + fp32 gradient + AdamW moments: 8 B in fp32, 2 B as 8-bit blockwise states."""
+    eight_bit = cfg.training.embedding_optimizer in ("adamw8bit", "auto")   # auto = 8-bit on a GPU
+    return 4 + 4 + (2 if eight_bit else 8)
+
+
 def estimate_vram(info: Any, cfg: RunConfig) -> VramEstimate:
     """Estimate the GPU memory of training `cfg` on the model described by `info`.
 
@@ -143,7 +153,13 @@ def estimate_vram(info: Any, cfg: RunConfig) -> VramEstimate:
     base = linear_params * LINEAR_BYTES[precision] + embed_params * embed_bytes
 
     lora = _lora_params(info, cfg, shape) * TRAINABLE_BYTES
-    embeddings = _embedding_params(info, cfg, shape) * TRAINABLE_BYTES
+    trained_embed = _embedding_params(info, cfg, shape)
+    embeddings = trained_embed * _embedding_bytes_per_param(cfg)
+    if cfg.training.free_frozen_embeddings:
+        # The frozen originals of fully trained copies are released once training starts.
+        full = [m for m in (cfg.adapter.embed_tokens, cfg.adapter.lm_head) if m == "full"]
+        freed = min(len(full), embed_matrices) * shape["vocab"] * shape["hidden"] * embed_bytes
+        base -= freed
 
     act_bytes = 4 if precision == "fp32" else 2
     tokens = cfg.training.batch_size * cfg.data.seq_len
@@ -154,7 +170,11 @@ def estimate_vram(info: Any, cfg: RunConfig) -> VramEstimate:
     else:
         per_token = per_layer * shape["layers"]
     activations = tokens * per_token * act_bytes
-    logits = tokens * shape["vocab"] * 4 * 2
+    if cfg.training.kernels == "off":
+        logits = tokens * shape["vocab"] * 4 * 2
+    else:
+        # The fused linear + cross-entropy holds one chunk of bf16 logits (and its gradient) at a time.
+        logits = min(tokens, FUSED_CE_CHUNK_ROWS) * shape["vocab"] * 2 * 2
     return VramEstimate(precision=precision, base_weights=int(base), lora=int(lora),
                         embeddings=int(embeddings), activations=int(activations), logits=int(logits))
 
