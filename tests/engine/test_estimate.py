@@ -46,8 +46,8 @@ def test_4bit_is_smaller_than_bf16_and_base_sizes_are_plausible():
     assert est4.total < est16.total
     # 8B in bf16 is ~15 GiB, less the ~2 GiB of freed frozen embed_tokens/lm_head originals.
     assert 12.5 * GIB < est16.base_weights < 14 * GIB
-    # NF4 body ~3.8 GiB; the frozen bf16 originals of the trained embed_tokens/lm_head are freed.
-    assert 3.5 * GIB < est4.base_weights < 4.5 * GIB
+    # NF4 body ~3.4 GiB; the frozen bf16 originals of the trained embed_tokens/lm_head are freed.
+    assert 3.0 * GIB < est4.base_weights < 4.0 * GIB
     cfg = p1_config(free_frozen_embeddings=False)
     kept = estimate_vram(Info(), cfg)
     assert kept.base_weights - est4.base_weights == 2 * 128_256 * 4096 * 2
