@@ -1,6 +1,10 @@
-"""Atomic file writes: temp file in the same folder, fsync, rename. A reader sees old or new, never half."""
+"""Atomic file writes: temp file in the same folder, fsync, rename. A reader sees old or new, never half.
+
+Also `file_sha256`, the checksum the checkpoint manifests and the corpus cache keys use.
+"""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -57,3 +61,12 @@ def publish_dir_atomic(tmp_dir: Path, final_dir: Path) -> None:
     else:
         os.replace(tmp_dir, final_dir)
     fsync_dir(final_dir.parent)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -11,7 +11,6 @@ each file) were written. Weights go through safetensors and `torch.load(weights_
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .atomic import publish_dir_atomic, write_text_atomic
+from .atomic import file_sha256, publish_dir_atomic, write_text_atomic
 from .errors import CheckpointError
 from .runs import RunDir, process_alive
 
@@ -54,7 +53,7 @@ def save_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, trainer
         torch.save(scheduler.state_dict() if scheduler is not None else {}, tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
-        files = {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "size": p.stat().st_size}
+        files = {p.relative_to(tmp).as_posix(): {"sha256": file_sha256(p), "size": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         # The manifest comes last: its presence says every other file is complete.
         manifest = {"version": 1, "step": step, "files": files}
@@ -175,7 +174,7 @@ def verify_checkpoint(path: str | Path, full: bool = True) -> dict:
         if size != expected["size"]:
             raise CheckpointError(
                 f"Checkpoint file {file} has {size} bytes, expected {expected['size']}.", hint)
-        if full and _sha256(file) != expected["sha256"]:
+        if full and file_sha256(file) != expected["sha256"]:
             raise CheckpointError(f"Checkpoint file {file} is corrupt (its sha256 does not match).", hint)
     return manifest
 
@@ -290,10 +289,3 @@ def _free_bytes(path: Path) -> int:
     except OSError:
         return 1 << 62
 
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

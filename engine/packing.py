@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .atomic import write_bytes_atomic
+from .atomic import file_sha256, write_bytes_atomic
 from .config import DataConfig
 from .corpus import corpus_size_bytes, expand_corpus_paths, read_documents
 from .errors import CorpusError, ModelSourceError
@@ -239,7 +239,7 @@ def cache_key(data_cfg: DataConfig, groups: dict, tokenizer, seed: int) -> str:
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
             for file in files:
                 h.update(f"{role}|{file.relative_to(path.parent)}|{file.stat().st_size}|".encode())
-                h.update(_file_sha256(file).encode())
+                h.update(file_sha256(file).encode())
     return h.hexdigest()
 
 
@@ -257,13 +257,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     ident = f"{tokenizer.name_or_path}|{len(tokenizer)}|{tokenizer.eos_token_id}|"
     return hashlib.sha256((ident + body).encode()).hexdigest()
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _save_cache(cache_dir: Path, key: str, data: PackedData) -> None:
