@@ -88,6 +88,8 @@ class RunPage(QWidget):
         split.addWidget(self.tabs)
         split.setStretchFactor(0, 3)
         split.setStretchFactor(1, 1)
+        # Room for a sample or two under the charts (their size hints alone leave the tabs 3 lines).
+        split.setSizes([620, 180])
         lay = QVBoxLayout(self)
         lay.addLayout(top)
         lay.addLayout(phase)

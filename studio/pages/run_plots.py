@@ -67,6 +67,7 @@ PLOTS = (
     ("mem", "Memory", "GiB", [("gpu_alloc", "GPU allocated", 0, 1), ("gpu_reserved", "GPU reserved", 1, 1),
                               ("ram", "RAM (worker)", 6, 1)]),
 )
+RISING = ("speed", "mem")
 _STEP_FIELDS = (("lr", "lr", None), ("embedding_lr", "embedding_lr", None), ("grad_norm", "grad_norm", None),
                 ("tokens_per_s", "tokens_per_s", None), ("gpu_alloc", "gpu_mem_allocated", _gib),
                 ("gpu_reserved", "gpu_mem_reserved", _gib), ("ram", "ram", _gib))
@@ -85,6 +86,8 @@ class RunPlots(QWidget):
         self._ema, self._ema_n = 0.0, 0
         self._eval_sets: list[str] = []
         self._plot_of: dict[str, str] = {}     # curve key -> chart key
+        self._names: dict[str, str] = {}       # curve key -> legend name
+        self._in_legend: set[str] = set()      # curves listed in their chart's legend (once they have data)
         self._x_max = 0.0
         self._next_plot = 0
         grid = QGridLayout(self)
@@ -96,7 +99,10 @@ class RunPlots(QWidget):
             item.setLabel("left", ylabel)
             item.setDownsampling(auto=True, mode="peak")
             item.setClipToView(True)
-            item.addLegend(offset=(-5, 5), labelTextSize="8pt", brush=pg.mkBrush(128, 128, 128, 24))
+            # Top right, where falling curves (loss, grad norm, a decaying lr) leave room; rising ones
+            # (throughput, memory) end at the top right, so theirs goes bottom right.
+            corner = (-5, -5) if key in RISING else (-5, 5)
+            item.addLegend(offset=corner, labelTextSize="8pt", brush=pg.mkBrush(128, 128, 128, 24))
             w.setMinimumHeight(150)
             self.plots[key] = w
             grid.addWidget(w, i // 3, i % 3)
@@ -115,8 +121,11 @@ class RunPlots(QWidget):
     def _add_curve(self, plot: str, key: str, name: str, pen, symbol=None) -> None:
         self.series[key] = Series()
         self._plot_of[key] = plot
+        self._names[key] = name
         kwargs = dict(symbol=symbol, symbolSize=7, symbolPen=pen, symbolBrush=pen.color()) if symbol else {}
-        self.curves[key] = self.plots[plot].plot([], [], pen=pen, name=name, connect="finite", **kwargs)
+        # No name here: a curve joins the legend with its first point, so a CPU run's memory chart
+        # does not list GPU series it never draws.
+        self.curves[key] = self.plots[plot].plot([], [], pen=pen, connect="finite", **kwargs)
 
     # ---- feeding --------------------------------------------------------------------------------
     def add_step(self, ev: StepMetrics) -> None:
@@ -182,7 +191,18 @@ class RunPlots(QWidget):
         s = self.series[key]
         if s.n:
             self._fit_x(s.x[-1])
+            if key not in self._in_legend:
+                self._in_legend.add(key)
+                self._relist_legend(self._plot_of[key])
         self.curves[key].setData(s.x, s.y)
+
+    def _relist_legend(self, plot: str) -> None:
+        """The chart's legend: its curves that have data, in the order the curves were made."""
+        legend = self.plots[plot].getPlotItem().legend
+        legend.clear()
+        for key, curve in self.curves.items():
+            if key in self._in_legend and self._plot_of[key] == plot:
+                legend.addItem(curve, self._names[key])
 
     def refresh(self) -> None:
         """Push every changed buffer to its curve (cheap when nothing changed)."""
@@ -216,6 +236,9 @@ class RunPlots(QWidget):
         self._total_line.setVisible(False)
         self._total_line.setValue(0)
         self.refresh()
+        self._in_legend.clear()
+        for w in self.plots.values():
+            w.getPlotItem().legend.clear()
         self._x_max = 0.0
         for w in self.plots.values():
             w.getPlotItem().enableAutoRange(x=True)
@@ -240,6 +263,10 @@ def style_plot(w: pg.PlotWidget, dark: bool) -> None:
         item.getAxis(axis).setPen(fg)
     if item.legend is not None:
         item.legend.setLabelTextColor(fg)
+        # setLabelTextColor only stores the colour for later entries: redraw the existing labels
+        # (else they keep pyqtgraph's default grey, hard to read on the light theme).
+        for _sample, label in item.legend.items:
+            label.setText(label.text, color=fg)
 
 
 if __name__ == "__main__":

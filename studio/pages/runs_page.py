@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QAction, QColor, QDesktopServices
@@ -15,10 +16,13 @@ from cpt_studio.engine.errors import CptError
 from cpt_studio.engine.run_index import RunIndex
 
 from ..run_controller import RunController
+from .model_source_picker import BUILTIN_LABEL
 from .run_widgets import Banner
 from .runs_widgets import ConfigDiffDialog, ContinueDialog, LossOverlay, list_step_folders
 
 COLUMNS = ("Status", "Name", "Model", "Corpus", "Steps", "Final loss", "Eval loss", "Created")
+NUMBER_COLUMNS = (4, 5, 6)
+MAX_COLUMN_WIDTH = 260
 STATUS_COLOURS = {"running": "#2563eb", "finished": "#15803d", "stopped": "#b45309", "failed": "#dc2626",
                   "interrupted": "#dc2626", "created": "#71717a"}
 
@@ -56,6 +60,7 @@ class RunsPage(QWidget):
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().hide()
+        self.table.setWordWrap(False)          # one line per run; long names are elided, whole in the tooltip
         self.table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
         self.table.setSortingEnabled(True)
         self.table.itemSelectionChanged.connect(self._on_selection)
@@ -116,17 +121,21 @@ class RunsPage(QWidget):
         self.table.blockSignals(True)
         self.table.setRowCount(len(runs))
         for row, r in enumerate(runs):
-            cells = (_Item(r.status, r.status), _Item(r.name, r.name.lower()), _Item(r.model, r.model),
+            cells = (_Item(r.status, r.status), _Item(r.name, r.name.lower()), _Item(model_label(r.model), r.model),
                      _Item(r.corpus, r.corpus), _Item(str(r.steps), r.steps), _loss_item(r.final_loss),
                      _loss_item(r.eval_loss),
                      _Item(time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), r.created))
             cells[0].setForeground(QColor(STATUS_COLOURS.get(r.status, "#71717a")))
             cells[0].setData(Qt.ItemDataRole.UserRole, r.id)
             for col, item in enumerate(cells):
-                item.setToolTip(f"{r.id}\n{item.text()}")
+                item.setToolTip(f"{r.id}\n{r.model if col == 2 else item.text()}")
+                if col in NUMBER_COLUMNS:
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.table.setItem(row, col, item)
         self.table.setSortingEnabled(True)
-        self.table.resizeColumnToContents(7)
+        for col in (0, 2, 3, 7):
+            self.table.resizeColumnToContents(col)
+            self.table.setColumnWidth(col, min(self.table.columnWidth(col), MAX_COLUMN_WIDTH))
         self.table.clearSelection()
         for row in range(self.table.rowCount()):
             if self.table.item(row, 0).data(Qt.ItemDataRole.UserRole) in selected:
@@ -272,6 +281,17 @@ class RunsPage(QWidget):
         run_id = self._one()
         if run_id:
             QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.state.workspace.get_run(run_id).path)))
+
+
+def model_label(source: str) -> str:
+    """How the table names a run's model.source: the built-in default by name, a local folder or file
+    by its last part (the whole source is in the tooltip), a hub id as it is."""
+    if not source or source == "default":
+        return BUILTIN_LABEL
+    path = Path(source)
+    if path.is_absolute() or source.startswith(("~", ".")):
+        return path.name or source
+    return source
 
 
 def _loss_item(value) -> _Item:

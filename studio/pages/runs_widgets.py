@@ -87,7 +87,8 @@ class LossOverlay(pg.PlotWidget):
             held = [r for r in evals if r["eval_set"] == "heldout"]
             if held:
                 self.plot([r["step"] for r in held], [r["eval_loss"] for r in held], pen=None,
-                          symbol="o", symbolSize=6, symbolBrush=colour, symbolPen=colour)
+                          symbol="o", symbolSize=6, symbolBrush=colour, symbolPen=colour,
+                          name=f"{name} (eval)")
 
 
 def list_step_folders(run_path: Path) -> list[Path]:

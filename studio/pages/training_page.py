@@ -122,8 +122,12 @@ class TrainingPage(QWidget):
             self.form.editors["training.embedding_lr_ratio"].set(t.embedding_lr_ratio)
         direct = t.embedding_learning_rate is not None
         self.ratio.setEnabled(not direct)
+        # Short, so the Optimisation column stays narrow enough for three columns at 1300 px;
+        # how it is derived is in the tooltip.
         how = "set directly" if direct else f"{t.learning_rate:.1e} / {t.embedding_lr_ratio:g}"
-        self.embedding_lr_label.setText(f"embedding lr = {cfg.embedding_lr:.1e}  ({how})")
+        self.embedding_lr_label.setText(f"embedding lr = {cfg.embedding_lr:.1e}"
+                                        + ("  (set directly)" if direct else ""))
+        self.embedding_lr_label.setToolTip(f"Embedding learning rate: {cfg.embedding_lr:.2e} ({how}).")
         info = getattr(self.state, "model_info", None)
         tied = bool(info is not None and info.tied_embeddings)
         self.tied_note.setVisible(tied)
