@@ -6,22 +6,7 @@ import time
 
 from .events import (CheckpointSaved, EvalMetrics, Event, Log, Phase, RunFailed, RunFinished,
                      RunStarted, Sample, StepMetrics)
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "--:--"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def format_count(value: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.1f}{unit}"
-    return f"{value:.0f}"
+from .units import format_count, format_duration
 
 
 class ConsoleProgress:

@@ -12,10 +12,11 @@ from PySide6.QtWidgets import (QHBoxLayout, QLabel, QProgressBar, QPushButton, Q
 from cpt_studio.engine.errors import CptError
 from cpt_studio.engine.events import (CheckpointSaved, EvalMetrics, Log, Phase, RunFailed, RunFinished,
                                       RunStarted, Sample, StepMetrics)
+from cpt_studio.engine.units import format_count, format_duration
 
 from ..run_controller import IDLE, RUNNING, STARTING, STOPPING, RunController
 from .run_plots import RunPlots
-from .run_widgets import Banner, LogView, SamplesView, format_count, format_duration
+from .run_widgets import Banner, LogView, SamplesView
 
 REFRESH_MS = 200        # labels and log
 PLOT_TICK_MS = 40       # one chart per tick: each chart redraws about four times a second at most
