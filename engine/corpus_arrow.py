@@ -1,0 +1,90 @@
+"""Columnar corpus formats through pyarrow: .parquet files and Hugging Face dataset folders.
+
+Split from corpus.py, which imports it only when one of these formats is read (pyarrow is heavy).
+Both stream in batches, so memory stays bounded however big the file is.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .corpus import _row_values, _Source, pick_text_column
+from .errors import CorpusError
+
+_ARROW_BATCH = 1024          # parquet / arrow rows per batch
+
+
+def open_parquet(path: Path, text_column: str) -> _Source:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(str(path))
+    except (ValueError, OSError) as exc:     # ArrowInvalid is a ValueError
+        raise CorpusError(f"Corpus file '{path}' is not a readable Parquet file ({exc})") from None
+    column = _pick_arrow_column(path, table.schema_arrow, text_column)
+    # iter_batches walks row groups, so memory stays bounded however big the file is.
+    batches = table.iter_batches(batch_size=_ARROW_BATCH, columns=[column])
+    return _Source(table.schema_arrow.names, column, _arrow_values(path, batches, column))
+
+
+def open_hf_dataset(folder: Path, text_column: str) -> _Source:
+    import pyarrow as pa
+
+    files = _hf_arrow_files(folder)
+    try:
+        with pa.memory_map(str(files[0])) as source:
+            schema = pa.ipc.open_stream(source).schema
+    except (ValueError, OSError) as exc:
+        raise CorpusError(f"Dataset file '{files[0]}' is not readable ({exc})",
+                          "Save the dataset again with Dataset.save_to_disk.") from None
+    column = _pick_arrow_column(folder, schema, text_column)
+
+    def batches() -> Iterator:
+        for file in files:
+            # save_to_disk writes Arrow IPC *stream* shards; memory-mapping keeps RAM flat.
+            with pa.memory_map(str(file)) as source:
+                yield from (b.select([column]) for b in pa.ipc.open_stream(source))
+    return _Source(schema.names, column, _arrow_values(folder, batches(), column))
+
+
+def _hf_arrow_files(folder: Path) -> list[Path]:
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text("utf-8")).get("splits", [])
+        if "train" not in splits and len(splits) != 1:
+            raise CorpusError(f"Dataset folder '{folder}' has no 'train' split (splits: "
+                              f"{', '.join(splits) or 'none'})", "Pick one split's folder instead.")
+        folder = folder / ("train" if "train" in splits else splits[0])
+    state = folder / "state.json"
+    if state.is_file():
+        shards = json.loads(state.read_text("utf-8"))["_data_files"]
+        files = [folder / shard["filename"] for shard in shards]
+    else:
+        files = sorted(folder.glob("*.arrow"))
+    missing = [f.name for f in files if not f.is_file()]
+    if not files or missing:
+        raise CorpusError(f"Dataset folder '{folder}' lacks its data files "
+                          f"({', '.join(missing) or 'no .arrow files'})",
+                          "Save the dataset again with Dataset.save_to_disk.")
+    return files
+
+
+def _pick_arrow_column(path: Path, schema, given: str) -> str:
+    import pyarrow as pa
+
+    def holds_text(name: str) -> bool:
+        kind = schema.field(name).type
+        return pa.types.is_string(kind) or pa.types.is_large_string(kind) or \
+            getattr(pa.types, "is_string_view", lambda _: False)(kind)
+    return pick_text_column(path, list(schema.names), given, holds_text)
+
+
+def _arrow_values(path: Path, batches: Iterable, column: str) -> Iterator:
+    def rows() -> Iterator:
+        for batch in batches:
+            yield from ({column: v} for v in batch.column(0).to_pylist())
+    try:
+        yield from _row_values(path, rows(), column)
+    except (ValueError, OSError) as exc:     # a damaged row group or shard shows up mid-stream
+        raise CorpusError(f"Corpus file '{path}' is damaged: reading column '{column}' failed "
+                          f"({exc})") from None
