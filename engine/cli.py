@@ -3,11 +3,13 @@
     cpt-studio train CONFIG.yaml [--workspace DIR] [--set section.field=value ...] [--events jsonl]
     cpt-studio resume RUN [--max-steps N] [--workspace DIR] [--events jsonl]
     cpt-studio runs [--json] [--workspace DIR]
+    cpt-studio export RUN [--dtype bf16|fp32|fp16] [--out DIR] [--overwrite] [--workspace DIR]
     cpt-studio demo [--max-steps N] [--workspace DIR] [--events jsonl]
 
 By default progress is printed for people (a bar with loss, tokens/s and ETA); `--events jsonl`
 prints one JSON event per line instead (the GUI's worker mode) and reads stop / stop_and_save /
-save_now commands from stdin. Ctrl-C stops and saves.
+save_now commands from stdin. Ctrl-C stops and saves. `export` merges a run's newest adapter (or
+an adapter / checkpoint folder) into its base model and checks the saved model's logits.
 """
 from __future__ import annotations
 
@@ -52,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--json", action="store_true", help="Machine-readable output.")
     common(runs, events=False)
 
+    export = sub.add_parser("export", help="Merge a run's adapter into its base model and save "
+                            "it as one model folder (verified by loading it back).")
+    export.add_argument("run", help="Run id, run folder, or an adapter or checkpoint folder.")
+    export.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16",
+                        help="Precision of the merged weights (default bf16).")
+    export.add_argument("--out", metavar="DIR", help="Output folder (default: "
+                        "runs/<id>/exports/merged-<dtype>/).")
+    export.add_argument("--overwrite", action="store_true",
+                        help="Replace an earlier export in the output folder.")
+    common(export, events=False)
+
     demo = sub.add_parser("demo", help="Train the embedded default: SmolLM2-135M on the sample "
                           "Esperanto corpus.")
     demo.add_argument("--max-steps", type=int, default=30, help="Steps to train (default 30).")
@@ -74,6 +87,8 @@ def main(argv=None) -> int:
             return _train(config, args, resume_run=None)
         if args.command == "resume":
             return _train(None, args, resume_run=args.run)
+        if args.command == "export":
+            return _cmd_export(args)
         if args.command == "demo":
             from .demo import demo_config
             return _train(demo_config(args.max_steps), args, resume_run=None)
@@ -148,6 +163,26 @@ def _refresh_index(workspace) -> None:
         RunIndex(workspace).refresh()
     except Exception as exc:  # the index is a cache; the run folders stay the truth
         log.warning("could not refresh the run index: %s", exc)
+
+
+def _cmd_export(args) -> int:
+    from pathlib import Path
+
+    from .export import export_merged
+
+    last = [""]
+
+    def progress(fraction: float, message: str = "") -> None:
+        if message and message != last[0]:
+            last[0] = message
+            print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+
+    result = export_merged(args.run, Path(args.out) if args.out else None, _workspace(args),
+                           dtype=args.dtype, progress=progress, overwrite=args.overwrite)
+    print(f"Merged model: {result.path}")
+    print(f"{result.dtype}, {result.n_params:,} parameters, {result.seconds:.1f} s; "
+          f"{result.summary()}")
+    return 0
 
 
 def _cmd_runs(args) -> int:

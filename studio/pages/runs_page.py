@@ -1,28 +1,35 @@
 """The Runs page: every run with its status and final numbers; rename, delete, duplicate, compare,
-diff configs, resume, continue from an adapter, and watch a run that is still going.
+diff configs, resume, continue from an adapter, export a merged model, and watch a run that is
+still going. The export runs in a background task; its outcome shows in the page's banner.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QAction, QColor, QDesktopServices
-from PySide6.QtWidgets import (QAbstractItemView, QHeaderView, QInputDialog, QMessageBox, QSplitter,
-                               QTableWidget, QTableWidgetItem, QToolBar, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QInputDialog, QLabel, QMessageBox,
+                               QProgressBar, QSplitter, QTableWidget, QTableWidgetItem, QToolBar, QVBoxLayout,
+                               QWidget)
 
 from cpt_studio.engine.errors import CptError
+from cpt_studio.engine.export import export_merged
 from cpt_studio.engine.run_index import RunIndex
 
+from ..background_tasks import BackgroundTasks
 from ..run_controller import RunController
 from .model_source_picker import BUILTIN_LABEL
 from .run_widgets import Banner
-from .runs_widgets import ConfigDiffDialog, ContinueDialog, LossOverlay, list_step_folders
+from .runs_widgets import (ConfigDiffDialog, ContinueDialog, ExportDialog, LossOverlay, has_weights,
+                           list_step_folders)
 
 COLUMNS = ("Status", "Name", "Model", "Corpus", "Steps", "Final loss", "Eval loss", "Created")
 NUMBER_COLUMNS = (4, 5, 6)
 MAX_COLUMN_WIDTH = 260
+log = logging.getLogger(__name__)
 STATUS_COLOURS = {"running": "#2563eb", "finished": "#15803d", "stopped": "#b45309", "failed": "#dc2626",
                   "interrupted": "#dc2626", "created": "#71717a"}
 
@@ -79,6 +86,8 @@ class RunsPage(QWidget):
                 ("resume", "Resume", "Go on exactly from the last checkpoint", self.resume_selected),
                 ("continue", "Continue from…", "Train a new run from this run's adapter or a checkpoint",
                  self.continue_selected),
+                ("export", "Export…", "Merge this run's newest adapter into its base model and save it "
+                 "as one model folder (checked against the adapter)", self.export_selected),
                 ("folder", "Open folder", "Open the run folder in the file manager", self.open_folder)):
             action = QAction(text, self, toolTip=tip)
             action.triggered.connect(slot)
@@ -86,6 +95,21 @@ class RunsPage(QWidget):
             bar.addAction(action)
             if key in ("refresh", "delete"):
                 bar.addSeparator()
+        self.tasks = BackgroundTasks(self, max_threads=1)
+        self.tasks.finished.connect(self._on_exported)
+        self.tasks.failed.connect(self._on_export_failed)
+        self.tasks.progress_changed.connect(self._on_export_progress)
+        self.tasks.busy_changed.connect(self._on_export_busy)
+        self.export_progress = QProgressBar(maximumHeight=14, textVisible=False)
+        self.export_progress.setRange(0, 0)
+        self.export_status = QLabel(objectName="muted")
+        self.export_row = QWidget()
+        row = QHBoxLayout(self.export_row)
+        row.setContentsMargins(4, 0, 4, 0)
+        row.addWidget(self.export_status, 1)
+        row.addWidget(self.export_progress, 1)
+        self.export_row.hide()
+        self._exporting = ""                 # name of the run being exported
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.table)
         split.addWidget(self.overlay)
@@ -94,6 +118,7 @@ class RunsPage(QWidget):
         lay = QVBoxLayout(self)
         lay.addWidget(bar)
         lay.addWidget(self.banner)
+        lay.addWidget(self.export_row)
         lay.addWidget(split, 1)
         self.controller.run_ended.connect(self._on_run_changed)
         self.controller.run_started.connect(self._on_run_changed)
@@ -173,6 +198,8 @@ class RunsPage(QWidget):
         self.buttons["diff"].setEnabled(len(ids) == 2)
         self.buttons["resume"].setEnabled(one and status not in ("running", "created") and not self.controller.busy)
         self.buttons["continue"].setEnabled(one and status != "running" and not self.controller.busy)
+        self.buttons["export"].setEnabled(one and not self.tasks.is_busy("export")
+                                          and has_weights(self.state.workspace.runs_dir / ids[0]))
 
     def set_dark(self, dark: bool) -> None:
         self.overlay.set_dark(dark)
@@ -269,6 +296,44 @@ class RunsPage(QWidget):
             return
         source, with_optimizer, name = dialog.result_values()
         self._launch(lambda: self.controller.continue_from(source, with_optimizer, name=name or None))
+
+    def export_selected(self) -> None:
+        run_id = self._one()
+        if not run_id or self.tasks.is_busy("export"):
+            return
+        run = self.state.workspace.get_run(run_id)
+        dialog = ExportDialog(run.path, run.name, self)
+        if dialog.exec() != ExportDialog.DialogCode.Accepted:
+            return
+        dtype, out, overwrite = dialog.result_values()
+        self._exporting = run.name
+        self.banner.hide()
+        self.export_status.setText(f"Exporting {run.name} ({dtype})…")
+        self.export_progress.setRange(0, 0)
+        self.tasks.submit("export", export_merged, str(run.path), Path(out).expanduser(), self.state.workspace,
+                          dtype=dtype, overwrite=overwrite, with_progress=True)
+        self._update_actions()
+
+    def _on_export_busy(self, busy: bool) -> None:
+        self.export_row.setVisible(busy)
+        self._update_actions()
+
+    def _on_export_progress(self, _tag: str, fraction: float, message: str) -> None:
+        self.export_progress.setRange(0, 1000)
+        self.export_progress.setValue(int(fraction * 1000))
+        if message:
+            self.export_status.setText(f"Exporting {self._exporting}: {message}")
+
+    def _on_exported(self, _tag: str, result) -> None:
+        self.banner.show_message("info", f"Exported {self._exporting} as a merged {result.dtype} model",
+                                 f"{result.path}\n{result.n_params:,} parameters, {result.seconds:.0f} s; "
+                                 f"{result.summary()}")
+
+    def _on_export_failed(self, _tag: str, exc) -> None:
+        if not isinstance(exc, CptError):
+            log.error("export of %s failed", self._exporting, exc_info=exc)
+            exc = CptError(f"{type(exc).__name__}: {exc}", "Nothing was kept; the traceback is in the log.")
+        self._fail(f"Could not export {self._exporting}", exc)
 
     def _launch(self, start) -> None:
         try:

@@ -1,12 +1,16 @@
-"""Pieces of the Runs page: overlaid loss curves, the config diff and the "continue training" dialog."""
+"""Pieces of the Runs page: overlaid loss curves, the config diff, the "continue training" and the
+"export merged model" dialogs."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
 import pyqtgraph as pg
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout, QLabel,
-                               QLineEdit, QTableWidget, QTableWidgetItem, QVBoxLayout)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout,
+                               QHBoxLayout, QLabel, QLineEdit, QPushButton, QTableWidget, QTableWidgetItem,
+                               QVBoxLayout)
+
+from cpt_studio.engine.export import default_out_dir   # no torch at import: the GUI starts light
 
 from .run_plots import PALETTE, palette_is_dark, style_plot
 
@@ -143,3 +147,69 @@ class ContinueDialog(QDialog):
     def result_values(self) -> tuple[str, bool, str]:
         """(init_from path, load optimizer state, new run name)."""
         return self.source.currentData(), self.with_optimizer.isChecked(), self.name.text().strip()
+
+
+def has_weights(run_path: Path) -> bool:
+    """Whether a run saved anything to export or continue from: adapter/ or a checkpoint."""
+    return (Path(run_path) / "adapter" / "adapter_config.json").is_file() or bool(list_step_folders(run_path))
+
+
+class ExportDialog(QDialog):
+    """Export a run's newest adapter merged into its base: dtype, output folder, overwrite."""
+
+    DTYPES = (("bf16 (half the size of fp32; what most tools load)", "bf16"),
+              ("fp32 (exact merge, twice the size)", "fp32"),
+              ("fp16", "fp16"))
+
+    def __init__(self, run_path: Path, run_name: str, parent=None):
+        super().__init__(parent)
+        self.setWindowTitle("Export merged model")
+        self.run_path = Path(run_path)
+        self.dtype = QComboBox()
+        for text, value in self.DTYPES:
+            self.dtype.addItem(text, value)
+        self.out = QLineEdit(str(default_out_dir(self.run_path, "bf16")))
+        self.out.setToolTip("The folder to create. It must not exist yet, unless it holds an earlier "
+                            "export and Overwrite is ticked.")
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
+        out_row = QHBoxLayout()
+        out_row.addWidget(self.out, 1)
+        out_row.addWidget(browse)
+        self.overwrite = QCheckBox("Overwrite an earlier export in this folder")
+        note = QLabel(f"Merges the newest adapter of {run_name!r} (its final adapter or latest "
+                      "checkpoint) into the base model's original weights, saves one model folder "
+                      "(safetensors + tokenizer) and checks it against the adapter. It runs on the "
+                      "CPU and needs about the model's size in RAM and on disk.",
+                      wordWrap=True, objectName="muted")
+        form = QFormLayout(self)
+        form.addRow(note)
+        form.addRow("Precision", self.dtype)
+        form.addRow("Output folder", out_row)
+        form.addRow("", self.overwrite)
+        self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        self.buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Export")
+        self.buttons.accepted.connect(self.accept)
+        self.buttons.rejected.connect(self.reject)
+        form.addRow(self.buttons)
+        self._default = self.out.text()
+        self.dtype.currentIndexChanged.connect(self._on_dtype)
+        self.out.textChanged.connect(self._update)
+        self.resize(640, 0)
+
+    def _on_dtype(self) -> None:
+        if self.out.text().strip() == self._default:    # follow the dtype until the user edits it
+            self._default = str(default_out_dir(self.run_path, self.dtype.currentData()))
+            self.out.setText(self._default)
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Put the export in", str(self.run_path))
+        if folder:
+            self.out.setText(str(Path(folder) / Path(self._default).name))
+
+    def _update(self) -> None:
+        self.buttons.button(QDialogButtonBox.StandardButton.Ok).setEnabled(bool(self.out.text().strip()))
+
+    def result_values(self) -> tuple[str, str, bool]:
+        """(dtype, output folder, overwrite)."""
+        return self.dtype.currentData(), self.out.text().strip(), self.overwrite.isChecked()

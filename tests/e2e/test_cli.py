@@ -33,6 +33,14 @@ def test_train_jsonl_then_runs_lists_it(tmp_path, tiny_config):
     assert abs(row["final_loss"] - events[-1].final_loss) < 1e-9
     table = _run(["runs", "--workspace", ws]).stdout
     assert "finished" in table and "cli run" in table
+    # ... and `export` merges its adapter into one model folder, checked against the adapter.
+    exported = _run(["export", row["id"], "--dtype", "fp32", "--workspace", ws])
+    assert exported.returncode == 0, exported.stderr
+    merged = Path(ws) / "runs" / row["id"] / "exports" / "merged-fp32"
+    assert f"Merged model: {merged.resolve()}" in exported.stdout and "verified" in exported.stdout
+    assert (merged / "model.safetensors").is_file() and (merged / "export_info.json").is_file()
+    again = _run(["export", row["id"], "--dtype", "fp32", "--workspace", ws])
+    assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
 
 
 def test_human_progress_output(tmp_path, tiny_config):
