@@ -4,6 +4,8 @@
 #   bash bench/device_run.sh            # compare P2 then P1 (baseline vs ours), ~7 min
 #   bash bench/device_run.sh probe      # longest sequence at batch 1, P1 workload, both sides
 #                                       # (lengths: BASE_SEQS, OURS_SEQS; allocator capped at 78 GiB)
+#   bash bench/device_run.sh profile    # torch.profiler of P1 steps (PROFILE_SIDES, PROFILE_SHAPE):
+#                                       # profile_p1.{json,md}, trace_p1_<side>.json.gz
 #
 # Device tool: carry [".whl"] (the bitsandbytes 0.50.2 wheel; the image has none). Results land in
 # $OUT: compare_p2.{json,md}, compare_p1.{json,md} (or probe_p1.{json,md}) and device_run.log.
@@ -51,6 +53,11 @@ if [ "${1:-compare}" = probe ]; then
     say "probe ${PROBE_SHAPE:-p1}: baseline [$base_seqs], ours [$ours_seqs]"
     python3 bench/compare.py --shape "${PROBE_SHAPE:-p1}" --probe-seq --seqs $base_seqs \
         --engine-seqs $ours_seqs --kernels "$KERNELS" --out "$OUT" --budget-s "$(left)" ${EXTRA:-}
+elif [ "${1:-compare}" = profile ]; then
+    # Where the step time goes (torch.profiler): bench/profile_step.py, ours then the baseline.
+    say "profile ${PROFILE_SHAPE:-p1}: sides [${PROFILE_SIDES:-engine baseline}]"
+    python3 bench/profile_step.py --shape "${PROFILE_SHAPE:-p1}" --sides ${PROFILE_SIDES:-engine baseline} \
+        --kernels "$KERNELS" --keep-trace --out "$OUT" --budget-s "$(left)" ${EXTRA:-}
 else
     shapes=(${SHAPES:-p2 p1})
     last=${shapes[${#shapes[@]}-1]}
