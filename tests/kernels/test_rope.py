@@ -61,8 +61,9 @@ def test_rope_unsqueeze_dim_2_and_broadcast_cos(dev):
 def test_rope_backward_is_rotation_by_minus_theta():
     """Rotating forward then backward is the identity (cos^2 + sin^2 = 1)."""
     from cpt_studio.kernels import dispatch
-    if not dispatch.TRITON_INTERPRETED:
-        pytest.skip("needs Triton's interpreter")
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter check; on a CUDA machine the gpu-marked tests cover the kernel")
+    assert dispatch.TRITON_INTERPRETED, "Triton's interpreter is off: tests/conftest.py sets it"
     from cpt_studio.kernels.rope import rope_backward, rope_forward
     q, k = torch.randn(1, 3, 5, 8), torch.randn(1, 1, 5, 8)
     cos, sin = _cos_sin(1, 5, 8, "cpu", F32)
