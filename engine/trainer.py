@@ -9,6 +9,7 @@ stay.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -213,7 +214,6 @@ class TrainingLoop:
         self.sink.emit(Phase(phase="training", progress=self._progress(), message=""))
 
     def _export_adapter(self):
-        import json
         final = self.run_dir.adapter_dir
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         self.sink.emit(Phase(phase="saving", progress=-1, message="final adapter"))
