@@ -11,6 +11,9 @@ transformers are never touched, nothing happens at import time):
 - every RMSNorm of a Llama / Mistral / Qwen2 / Qwen3 model -> kernels.rmsnorm
 - every MLP of those models with a SiLU gate: down(swiglu(gate(x), up(x))); gate/up/down stay
   the modules they are (LoRA-wrapped or 4-bit), only the activation product is fused
+- every peft LoRA Linear (nn.Linear or bnb Linear4bit base) with one active adapter, no DoRA, no
+  dropout (p=0), not merged -> engine.lora_forward: base(x) then one in-place addmm of the LoRA
+  product with the scaling folded in (no clone, no full-size mul/add); other LoRA layers stay peft's
 - the loss: `patch.loss` runs the decoder body, then the chunked fused lm_head + cross-entropy
   with the head's weight: a plain Linear, peft's modules_to_save copy (fully trained), a peft
   lora.Linear on a frozen weight, or the tied-embedding LoRA head of engine.adapters.
@@ -129,6 +132,7 @@ def apply_kernels(model: nn.Module, enabled: bool = True, backend: str = "auto")
         elif name.endswith("MLP") and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
             if type(getattr(module, "act_fn", None)).__name__ in _SILU_CLASSES:
                 _bind(patch, module, mlp_forward, f"SwiGLU MLP ({impl})")
+    _patch_lora_layers(patch, model)
     patch.notes.append(ROPE_NOT_PATCHED)
     try:
         head = resolve_lm_head(causal_lm)
@@ -138,6 +142,26 @@ def apply_kernels(model: nn.Module, enabled: bool = True, backend: str = "auto")
         patch.notes.append(f"lm_head + cross-entropy: not fused ({exc})")
     log.info("kernels: %s", "; ".join(patch.summary()))
     return patch
+
+
+def _patch_lora_layers(patch: KernelPatch, model: nn.Module) -> None:
+    from .lora_forward import LEAN_LABELS, lean_adapter, lora_layer_kind, make_lean_forward
+
+    left = 0
+    for module in model.modules():
+        kind = lora_layer_kind(module)
+        if kind is None:
+            continue
+        name = lean_adapter(module)
+        if name is None:
+            left += 1
+            continue
+        current = module.__dict__.get("forward")
+        fallback = current if current is not None else types.MethodType(type(module).forward, module)
+        _bind(patch, module, make_lean_forward(module, name, fallback), LEAN_LABELS[kind])
+    if left:
+        patch.notes.append(f"LoRA layers left as peft's: {left} (dropout > 0, DoRA, a LoRA bias, "
+                           "several or no active adapters, or merged)")
 
 
 def _bind(patch: KernelPatch, module: nn.Module, forward, label: str) -> None:

@@ -106,7 +106,8 @@ def test_revert_restores_the_exact_original_outputs():
     with torch.no_grad():
         before = model(input_ids=ids).logits
     patch = apply_kernels(model, enabled=True)
-    assert sum(patch.counts.values()) == 2 * 2 + 1 + 2  # 2 norms per layer + final norm + 2 MLPs
+    # 2 norms per layer + final norm + 2 MLPs + 7 LoRA Linears per layer
+    assert sum(patch.counts.values()) == 2 * 2 + 1 + 2 + 2 * 7
     with pytest.raises(RuntimeError, match="already applied"):
         apply_kernels(model, enabled=True)
     patch.revert()
@@ -164,3 +165,142 @@ def test_training_30_steps_with_and_without_kernels_gives_the_same_losses(dev):
     patch.revert()
     assert ref[-1] < ref[0] - 0.5  # it learns (4 batches repeated)
     assert got == pytest.approx(ref, rel=1e-3)
+
+
+# --- the lean LoRA Linear forward (engine/lora_forward.py) ---------------------------------------
+
+def _peft_on(base, dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False, target_modules=targets)
+    return get_peft_model(base, cfg)
+
+
+def _lora_only_patch(model):
+    """Only the LoRA Linears patched (no Triton norms/MLP), to compare against peft's forward alone."""
+    from cpt_studio.engine.patching import KernelPatch, _patch_lora_layers
+
+    patch = KernelPatch(enabled=True)
+    _patch_lora_layers(patch, model)
+    return patch
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def _plain_loss(model):
+    return lambda i, lab: model(input_ids=i, labels=lab).loss
+
+
+def _compare_lean(model, vocab, rtol, atol, seed_each=False, autocast=False):
+    """Loss and every trainable gradient: peft's forward, then the lean one, then reverted."""
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        if seed_each:
+            torch.manual_seed(123)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return _loss_and_grads(model, _plain_loss(model), ids, ids)
+
+    ref_loss, ref = run()
+    originals = {id(m): type(m).forward for m in _lora_layers(model)}
+    patch = _lora_only_patch(model)
+    try:
+        got_loss, got = run()
+    finally:
+        patch.revert()
+    back_loss, back = run()
+    assert torch.allclose(got_loss, ref_loss, rtol=rtol, atol=atol), (got_loss, ref_loss)
+    assert got.keys() == ref.keys() and any("lora_A" in n for n in got)
+    for name in ref:
+        assert torch.allclose(got[name], ref[name], rtol=rtol, atol=atol), \
+            (name, (got[name] - ref[name]).abs().max())
+    # revert: peft's own forward again, bit for bit
+    assert torch.equal(back_loss, ref_loss) and all(torch.equal(back[n], ref[n]) for n in ref)
+    for m in _lora_layers(model):
+        assert "forward" not in m.__dict__ and type(m).forward is originals[id(m)]
+    return patch
+
+
+def test_lean_lora_forward_fp32_matches_peft():
+    model = _peft_on(_build_tiny_model("llama"))
+    model.train()
+    ids, _ = _batch("cpu")
+    patch = _compare_lean(model, 320, rtol=1e-5, atol=1e-6)
+    assert patch.counts == {}  # cleared by revert
+    patch = _lora_only_patch(model)
+    assert patch.counts == {"LoRA Linear (lean fused add)": 14}
+    assert all(type(m.__dict__["forward"]).__name__ == "method" for m in _lora_layers(model))
+    with model.disable_adapter(), torch.no_grad():   # adapters off at call time: peft's path
+        off = model(input_ids=ids).logits
+    patch.revert()
+    with model.disable_adapter(), torch.no_grad():
+        assert torch.equal(off, model(input_ids=ids).logits)
+
+
+def test_lean_lora_forward_in_apply_kernels_summary_and_revert():
+    model = _peft_model("full")
+    patch = apply_kernels(model, enabled=True)
+    assert "LoRA Linear (lean fused add): 14 modules" in patch.summary()
+    patch.revert()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_lean_lora_forward_bf16_autocast_matches_peft():
+    """The path the GPU runs: fp32 LoRA weights under bf16 autocast (CPU autocast here)."""
+    model = _peft_on(_build_tiny_model("llama"))
+    _compare_lean(model, 320, rtol=3e-2, atol=2e-3, autocast=True)
+
+
+def test_lean_lora_forward_bf16_base_fp32_lora_without_autocast():
+    """A bf16 base with fp32 LoRA weights, no autocast: the LoRA product is added in fp32 (as peft)."""
+    model = _peft_on(_build_tiny_model("llama").to(torch.bfloat16))
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    _compare_lean(model, 320, rtol=2e-2, atol=1e-3)
+
+
+def test_lora_dropout_layers_are_left_as_peft():
+    model = _peft_on(_build_tiny_model("llama"), dropout=0.1)
+    model.train()
+    patch = apply_kernels(model, enabled=True)
+    try:
+        assert not any(k.startswith("LoRA Linear") for k in patch.counts)
+        assert any("LoRA layers left as peft's: 14" in n for n in patch.summary())
+        assert not any("forward" in m.__dict__ for m in _lora_layers(model))
+    finally:
+        patch.revert()
+    _compare_lean(model, 320, rtol=1e-5, atol=1e-6, seed_each=True)  # same dropout masks: equal
+
+
+@pytest.fixture(scope="module")
+def quant_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A 2-layer Llama whose Linear inputs are multiples of the 4-bit block size (64)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, eos_token_id=0, pad_token_id=1)
+    path = tmp_path_factory.mktemp("tiny-llama-64-lean")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_lean_lora_forward_4bit_matches_peft(quant_model_dir):
+    pytest.importorskip("bitsandbytes")
+    from cpt_studio.engine.model_loading import load_base_model
+    from cpt_studio.engine.model_source import ResolvedModel
+
+    base, _ = load_base_model(ResolvedModel("hf_folder", str(quant_model_dir), "", "q"), "4bit", "cpu")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as P1
+    model = _peft_on(base)
+    model.train()
+    patch = _lora_only_patch(model)
+    assert patch.counts == {"LoRA Linear4bit (lean fused add)": 14}
+    patch.revert()
+    _compare_lean(model, 384, rtol=1e-5, atol=1e-6)
