@@ -25,6 +25,7 @@ class ControlChannel:
         self._queue: "queue.Queue[str]" = queue.Queue()
         self._read_file_command = read_file_command
         self._previous_sigint = None
+        self._interrupted = False
 
     def put(self, command: str) -> None:
         if command in COMMANDS:
@@ -48,8 +49,10 @@ class ControlChannel:
             return
 
         def handler(signum, frame):
+            # Only a flag: the handler runs between two bytecodes of the main thread, possibly while
+            # poll() holds the queue's lock, so taking that lock here could deadlock.
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.put("stop_and_save")
+            self._interrupted = True
 
         self._previous_sigint = signal.signal(signal.SIGINT, handler)
 
@@ -59,6 +62,9 @@ class ControlChannel:
             self._previous_sigint = None
 
     def poll(self) -> Optional[str]:
+        if self._interrupted:
+            self._interrupted = False
+            return "stop_and_save"
         if self._read_file_command is not None:
             command = self._read_file_command()
             if command:
