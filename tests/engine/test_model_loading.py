@@ -18,21 +18,6 @@ def folder(path) -> ResolvedModel:
     return ResolvedModel("hf_folder", str(path), "", path.name)
 
 
-@pytest.fixture(scope="module")
-def quant_model_dir(tmp_path_factory, tiny_tokenizer):
-    """A 2-layer Llama whose Linear inputs are multiples of the 4-bit block size (64)."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, eos_token_id=0, pad_token_id=1)
-    path = tmp_path_factory.mktemp("tiny-llama-64")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
                                               ("auto", torch.float32)])
 def test_loads_at_the_chosen_precision(tiny_model_dir, precision, dtype):

@@ -19,13 +19,7 @@ if not torch.cuda.is_available():
 from cpt_studio.engine.patching import apply_kernels, fused_causal_lm_loss, resolve_lm_head  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~6x faster than two on a shared 2-core runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _build_tiny_model(arch="llama", tied=False):
@@ -276,23 +270,7 @@ def test_lora_dropout_layers_are_left_as_peft():
     _compare_lean(model, 320, rtol=1e-5, atol=1e-6, seed_each=True)  # same dropout masks: equal
 
 
-@pytest.fixture(scope="module")
-def quant_model_dir(tmp_path_factory, tiny_tokenizer):
-    """A 2-layer Llama whose Linear inputs are multiples of the 4-bit block size (64)."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, eos_token_id=0, pad_token_id=1)
-    path = tmp_path_factory.mktemp("tiny-llama-64-lean")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 def test_lean_lora_forward_4bit_matches_peft(quant_model_dir):
-    pytest.importorskip("bitsandbytes")
     from cpt_studio.engine.model_loading import load_base_model
     from cpt_studio.engine.model_source import ResolvedModel
 

@@ -31,9 +31,5 @@ def dev(request) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread beats two on a shared 2-core runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every kernel test runs on one intra-op thread (tests/conftest.py one_torch_thread)."""
