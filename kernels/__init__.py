@@ -8,7 +8,10 @@ takes `backend="auto" | "triton" | "torch"` (see dispatch.use_triton):
 - swiglu(gate, up)                              silu(gate) * up, silu recomputed in the bwd
 - fused_linear_cross_entropy(hidden, weight, labels, lora_A=, lora_B=, ...)
                                                  chunked lm_head + CE, no [N, V] logits
+- adamw8bit_step(param, grad, state, step=, lr=, ...)
+                                                 AdamW step, 8-bit moments, bf16 stochastic rounding
 """
+from .adamw8bit import adamw8bit_step, init_adamw8bit_state
 from .dispatch import triton_available, use_triton
 from .fused_linear_cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
 from .rmsnorm import rmsnorm, rmsnorm_reference
@@ -16,8 +19,10 @@ from .rope import apply_rope, rope_reference
 from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
+    "adamw8bit_step",
     "apply_rope",
     "fused_linear_cross_entropy",
+    "init_adamw8bit_state",
     "linear_cross_entropy_reference",
     "rmsnorm",
     "rmsnorm_reference",
