@@ -13,7 +13,9 @@ transformers are never touched, nothing happens at import time):
   the modules they are (LoRA-wrapped or 4-bit), only the activation product is fused
 - every peft LoRA Linear (nn.Linear or bnb Linear4bit base) with one active adapter, no DoRA, no
   dropout (p=0), not merged -> engine.lora_forward: base(x) then one in-place addmm of the LoRA
-  product with the scaling folded in (no clone, no full-size mul/add); other LoRA layers stay peft's
+  product with the scaling folded in (no clone, no full-size mul/add); a 4-bit base runs the whole
+  projection as one autograd function (dequantize, GEMMs, hand-written backward); other LoRA
+  layers stay peft's
 - the loss: `patch.loss` runs the decoder body, then the chunked fused lm_head + cross-entropy
   with the head's weight: a plain Linear, peft's modules_to_save copy (fully trained), a peft
   lora.Linear on a frozen weight, or the tied-embedding LoRA head of engine.adapters.

@@ -270,15 +270,4 @@ def test_lora_dropout_layers_are_left_as_peft():
     _compare_lean(model, 320, rtol=1e-5, atol=1e-6, seed_each=True)  # same dropout masks: equal
 
 
-def test_lean_lora_forward_4bit_matches_peft(quant_model_dir):
-    from cpt_studio.engine.model_loading import load_base_model
-    from cpt_studio.engine.model_source import ResolvedModel
-
-    base, _ = load_base_model(ResolvedModel("hf_folder", str(quant_model_dir), "", "q"), "4bit", "cpu")
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as P1
-    model = _peft_on(base)
-    model.train()
-    patch = _lora_only_patch(model)
-    assert patch.counts == {"LoRA Linear4bit (lean fused add)": 14}
-    patch.revert()
-    _compare_lean(model, 384, rtol=1e-5, atol=1e-6)
+# The 4-bit LoRA layers (the fused 4-bit function): tests/engine/test_lora_forward.py
