@@ -101,13 +101,17 @@ def trainable_summary(model) -> dict:
 
 
 def run_steps(loss_fn, optimizer, model, batches: torch.Tensor, warmup: int,
-              device: torch.device) -> dict:
+              device: torch.device, clip=None) -> dict:
     """Train on each batch (forward+backward, clip, AdamW step); time each step on the host clock.
+
+    `clip(params, max_norm)` defaults to torch's clip_grad_norm_; the engine passes its own, which
+    also takes the row-sparse embed_tokens gradient.
 
     The peak-memory counters are reset just before the first step (after loading), so they hold
     the training peak: weights + adapters + optimizer states + activations.
     """
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    clip = clip or torch.nn.utils.clip_grad_norm_
     cuda = device.type == "cuda"
     gc.collect()
     if cuda:
@@ -125,7 +129,7 @@ def run_steps(loss_fn, optimizer, model, batches: torch.Tensor, warmup: int,
         t0 = time.perf_counter()
         loss = loss_fn(batch.to(device, non_blocking=True))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        clip(params, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))    # a device sync

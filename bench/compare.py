@@ -134,20 +134,22 @@ def workload(args, batch: int, seq: int) -> str:
             f"kernels={args.kernels}")
 
 
-def write_compare(args, base: dict, ours: dict, show: bool) -> None:
+def write_compare(args, base: dict, ours: dict, show: bool, suffix: str = "") -> None:
     shape = SHAPES[args.shape]
     rows = compare_rows(base, ours)
-    text = [f"### {workload(args, shape['batch'], shape['seq'])}", "", header([base, ours]), "",
+    title = workload(args, shape['batch'], shape['seq']) + (
+        f" — ours with {ours['variant']['args']}" if "variant" in ours else "")
+    text = [f"### {title}", "", header([base, ours]), "",
             "| | baseline | ours | ours / baseline |", "|---|---|---|---|"]
     text += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     out = Path(args.out)
-    (out / f"compare_{args.shape}.md").write_text("\n".join(text) + "\n", encoding="utf-8")
-    (out / f"compare_{args.shape}.json").write_text(
+    (out / f"compare_{args.shape}{suffix}.md").write_text("\n".join(text) + "\n", encoding="utf-8")
+    (out / f"compare_{args.shape}{suffix}.json").write_text(
         json.dumps({"shape": args.shape, "baseline": base, "engine": ours}, indent=1), "utf-8")
     if not show:
         return
     width = max(len(r[0]) for r in rows)
-    print(f"\n{workload(args, shape['batch'], shape['seq'])}\n{header([base, ours])}")
+    print(f"\n{title}\n{header([base, ours])}")
     print(f"{'':{width}}  {'baseline':>16}  {'ours':>16}  {'ours/base':>10}")
     for a, b, c, d in rows:
         print(f"{a:{width}}  {b:>16}  {c:>16}  {d:>10}")
@@ -166,6 +168,16 @@ def compare(args, model: Path, clock: Clock) -> None:
         else:
             ours = result
         write_compare(args, base, ours, show=i == len(args.sides) - 1)
+    # Engine variants (e.g. "nooffload=--offload-checkpoints off") against the same baseline:
+    # compare_<shape>_<name>.{md,json}.
+    for spec in args.engine_variants:
+        name, _, variant_args = spec.partition("=")
+        if clock.timeout() < 60:
+            print(f"variant {name}: skipped, out of time budget")
+            continue
+        result = run_side("engine", model, args, clock, extra + variant_args.split())
+        result["variant"] = {"name": name, "args": variant_args}
+        write_compare(args, base, result, show=True, suffix=f"_{name}")
 
 
 # ---- --probe-seq -----------------------------------------------------------------------------
@@ -241,6 +253,9 @@ def main() -> None:
     parser.add_argument("--mem-cap-gib", type=float, default=None,
                         help="cap each side's CUDA allocator (GiB; default: 78 with --probe-seq, "
                              "about what an H100 80GB leaves after the CUDA context; else none)")
+    parser.add_argument("--engine-variants", nargs="*", default=[], metavar="NAME=ARGS",
+                        help="extra engine runs against the same baseline, e.g. "
+                             "'nooffload=--offload-checkpoints off'")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per subprocess")
     parser.add_argument("--budget-s", type=float, default=0, help="seconds for everything (0 = none)")
     args = parser.parse_args()

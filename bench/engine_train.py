@@ -4,8 +4,9 @@
     python bench/engine_train.py --model DIR --shape tiny --no-quant         # CPU check
 
 The setup follows engine/training_setup.setup_training step by step (load_base_model,
-attach_adapters, fp32 trainable weights, prepare_embeddings (frozen originals freed, bf16 stream),
-gradient checkpointing, build_optimizer (8-bit embedding states on CUDA), _make_loss_fn)
+attach_adapters, prepare_embeddings (fp32 masters or bf16 embed/head copies, frozen originals
+freed, bf16 stream, sparse embed_tokens grad), enable_checkpointing (offloaded layer inputs),
+build_optimizer (fused8bit embedding states on CUDA), _make_loss_fn)
 with a RunConfig holding the protocol's values; the batches and the timed loop are common.py's,
 the same as baseline_train.py's. Prints one JSON result line.
 """
@@ -41,6 +42,9 @@ def run_config(args, batch: int, seq: int, device: torch.device):
     t.max_grad_norm, t.gradient_checkpointing = common.MAX_GRAD_NORM, True
     t.seed, t.kernels = args.seed, args.kernels
     t.embedding_optimizer = args.embedding_optimizer
+    t.embedding_weights = args.embedding_weights
+    t.sparse_embedding_grad = not args.dense_embedding_grad
+    t.offload_checkpoints = args.offload_checkpoints
     t.stream_in_compute_dtype = not args.fp32_stream
     t.free_frozen_embeddings = not args.keep_frozen_embeddings
     problems = validate(cfg)
@@ -55,7 +59,7 @@ def setup(cfg, device: torch.device):
     from cpt_studio.engine.model_loading import load_base_model
     from cpt_studio.engine.model_source import resolve_model_source
     from cpt_studio.engine.optim import build_optimizer
-    from cpt_studio.engine.training_setup import (_make_loss_fn, _trainable_to_fp32,
+    from cpt_studio.engine.training_setup import (_make_loss_fn, enable_checkpointing,
                                                   prepare_embeddings)
 
     # models_dir is only written for .gguf sources; a model folder resolves to itself.
@@ -64,11 +68,8 @@ def setup(cfg, device: torch.device):
                                         cfg.model.trust_remote_code)
     torch.manual_seed(cfg.training.seed)   # LoRA A init: the baseline seeds the same way
     model = attach_adapters(model, cfg.adapter)
-    _trainable_to_fp32(model)
-    embeddings = prepare_embeddings(model, cfg)
-    if cfg.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    embeddings = prepare_embeddings(model, cfg, device)
+    embeddings["offloaded_layers"] = enable_checkpointing(model, cfg, device)
     optimizer, groups = build_optimizer(model, cfg, device)
     loss_fn, kernels = _make_loss_fn(model, cfg, device)
     return model, optimizer, groups, loss_fn, kernels, embeddings
@@ -79,8 +80,14 @@ def main() -> None:
     common.add_common_args(parser)
     parser.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                         help="training.kernels (auto = on with CUDA)")
-    parser.add_argument("--embedding-optimizer", choices=("auto", "adamw", "adamw8bit"),
+    parser.add_argument("--embedding-optimizer", choices=("auto", "adamw", "adamw8bit", "fused8bit"),
                         default="auto", help="training.embedding_optimizer")
+    parser.add_argument("--embedding-weights", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="training.embedding_weights")
+    parser.add_argument("--dense-embedding-grad", action="store_true",
+                        help="training.sparse_embedding_grad off")
+    parser.add_argument("--offload-checkpoints", choices=("auto", "on", "off"), default="auto",
+                        help="training.offload_checkpoints")
     parser.add_argument("--fp32-stream", action="store_true",
                         help="training.stream_in_compute_dtype off")
     parser.add_argument("--keep-frozen-embeddings", action="store_true",
@@ -106,7 +113,10 @@ def main() -> None:
         common.log(f"engine: loaded in {result['load_s']:.1f}s ({cfg.model.precision}, "
                    f"kernels {args.kernels}: {len(kernels)} applied), training {args.steps} steps "
                    f"of {batch}x{seq}")
-        result.update(common.run_steps(loss_fn, optimizer, model, batches, args.warmup, device))
+        from cpt_studio.engine.grad_clip import clip_grad_norm
+
+        result.update(common.run_steps(loss_fn, optimizer, model, batches, args.warmup, device,
+                                       clip=clip_grad_norm))
     except Exception as exc:   # OOM is an answer (--probe-seq); anything else fails the run
         if not common.is_oom(exc):
             raise

@@ -72,8 +72,10 @@ def setup_side(args, device):
         cfg = engine_train.run_config(args, batch, seq, device)
         model, optimizer, _groups, loss_fn, kernels, _emb = engine_train.setup(cfg, device)
         _range_fused_ce()
+        from cpt_studio.engine.grad_clip import clip_grad_norm
+
         return loss_fn, optimizer, model, {"kernels": [str(k) for k in kernels],
-                                           "precision": cfg.model.precision}
+                                           "precision": cfg.model.precision, "clip": clip_grad_norm}
     import baseline_train
 
     model = baseline_train.prepare(baseline_train.load(args, device), args)
@@ -105,15 +107,16 @@ def _range_fused_ce() -> None:
     mod.fused_linear_cross_entropy_forward = wrapped
 
 
-def train_step(loss_fn, optimizer, params, batch, device, rf):
+def train_step(loss_fn, optimizer, params, batch, device, rf, clip=None):
     import torch
 
+    clip = clip or torch.nn.utils.clip_grad_norm_
     with rf("bench/forward"):
         loss = loss_fn(batch.to(device, non_blocking=True))
     with rf("bench/backward"):
         loss.backward()
     with rf("bench/clip_grad_norm"):
-        torch.nn.utils.clip_grad_norm_(params, common.MAX_GRAD_NORM)
+        clip(params, common.MAX_GRAD_NORM)
     with rf("bench/optimizer_step"):
         optimizer.step()
     with rf("bench/zero_grad"):
@@ -138,6 +141,7 @@ def worker(args) -> None:
     cuda = device.type == "cuda"
     t0 = time.time()
     loss_fn, optimizer, model, extra = setup_side(args, device)
+    clip = extra.pop("clip", None)
     result.update(extra, load_s=time.time() - t0)
     vocab = model.get_input_embeddings().num_embeddings
     steps = args.warm_steps + args.profile_steps
@@ -149,7 +153,7 @@ def worker(args) -> None:
     warm_times, losses = [], []
     for i in range(args.warm_steps):
         t = time.perf_counter()
-        losses.append(train_step(loss_fn, optimizer, params, batches[i], device, no_range))
+        losses.append(train_step(loss_fn, optimizer, params, batches[i], device, no_range, clip))
         warm_times.append(time.perf_counter() - t)
     common.log(f"{args.worker}: warm steps {[round(x * 1000) for x in warm_times]} ms; profiling "
                f"{args.profile_steps}")
@@ -160,7 +164,7 @@ def worker(args) -> None:
             t = time.perf_counter()
             with record_function(f"bench/step{i}"):
                 losses.append(train_step(loss_fn, optimizer, params, batches[i], device,
-                                         record_function))
+                                         record_function, clip))
             prof_times.append(time.perf_counter() - t)
     result.update(losses=losses, warm_step_times_s=warm_times, profiled_step_times_s=prof_times,
                   peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
@@ -505,6 +509,7 @@ def main() -> None:
     # The attributes the training scripts' setup functions expect.
     args.steps = args.warm_steps + args.profile_steps
     args.embedding_optimizer, args.fp32_stream, args.keep_frozen_embeddings = "auto", False, False
+    args.embedding_weights, args.dense_embedding_grad, args.offload_checkpoints = "auto", False, "auto"
     args.upcast_trainable = False
     if args.analyse:   # redo the tables from a kept trace: --analyse T.json.gz --shape p1
         trace = json.loads(gzip.decompress(Path(args.analyse).read_bytes()))

@@ -27,7 +27,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "8bit", "4bit")
 EMBEDDING_MODES = ("off", "full", "lora")
 SCHEDULES = ("cosine", "linear", "constant")
 KERNEL_MODES = ("auto", "on", "off")
-EMBEDDING_OPTIMIZERS = ("auto", "adamw", "adamw8bit")
+EMBEDDING_OPTIMIZERS = ("auto", "adamw", "adamw8bit", "fused8bit")
+EMBEDDING_WEIGHTS = ("auto", "fp32", "bf16")
+OFFLOAD_MODES = ("auto", "on", "off")
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
@@ -106,10 +108,25 @@ class TrainingConfig:
     seed: int = option(42, "Seed for data order, LoRA init and dropout.", minimum=0)
     kernels: str = option("auto", "Triton kernels: auto = on for CUDA, on, or off.", choices=KERNEL_MODES)
     embedding_optimizer: str = option(
-        "auto", "Optimizer of the embeddings group (embed_tokens, lm_head): adamw (fp32 states, "
-        "8 bytes a parameter) or adamw8bit (bitsandbytes' blockwise 8-bit states, 2 bytes a "
-        "parameter; the other group stays torch AdamW). auto = adamw8bit on CUDA, adamw elsewhere "
-        "(bitsandbytes' 8-bit step is slow on CPU).", choices=EMBEDDING_OPTIMIZERS)
+        "auto", "Optimizer of the embeddings group (embed_tokens, lm_head): adamw (torch, fp32 "
+        "states, 8 bytes a parameter), adamw8bit (bitsandbytes' blockwise 8-bit states, 2 bytes a "
+        "parameter) or fused8bit (CPT Studio's Triton kernel: 8-bit states updated in one pass, "
+        "stochastic rounding into bf16 weights). The other group stays torch AdamW. auto = "
+        "fused8bit on CUDA with Triton, else adamw8bit on CUDA, adamw elsewhere.",
+        choices=EMBEDDING_OPTIMIZERS)
+    embedding_weights: str = option(
+        "auto", "Storage of the fully trained embed_tokens / lm_head copies: fp32 master weights, "
+        "or bf16 (half the memory for the weights and their gradients). bf16 needs fused8bit, "
+        "whose stochastic rounding keeps updates smaller than a bf16 step from being lost, and "
+        "bf16 autocast (CUDA). auto = bf16 when both hold, else fp32.", choices=EMBEDDING_WEIGHTS)
+    sparse_embedding_grad: bool = option(
+        True, "Compute the trained embed_tokens' gradient only for the rows of the tokens in the "
+        "batch instead of a dense vocab x hidden matrix. Applies with fused8bit on models whose "
+        "embeddings are not tied; every row is still updated by AdamW.")
+    offload_checkpoints: str = option(
+        "auto", "With gradient checkpointing, keep each layer's saved input in pinned CPU memory "
+        "instead of GPU memory (layers x tokens x hidden x 2 bytes), copied back for the "
+        "recompute. auto = on for CUDA.", choices=OFFLOAD_MODES)
     stream_in_compute_dtype: bool = option(
         True, "Under bf16 autocast (CUDA), cast the output of the fp32 trained embed_tokens to bf16 "
         "so hidden states, checkpointed activations and elementwise ops stay bf16; the weights "
@@ -273,6 +290,10 @@ def validate(cfg: RunConfig) -> dict[str, str]:
         problems["training.max_steps"] = "set max_steps > 0 or epochs > 0"
     if t.warmup_steps and t.max_steps and t.warmup_steps > t.max_steps:
         problems["training.warmup_steps"] = f"{t.warmup_steps} is more than max_steps ({t.max_steps})"
+    if t.embedding_weights == "bf16" and t.embedding_optimizer in ("adamw", "adamw8bit"):
+        problems["training.embedding_weights"] = (
+            f"bf16 embedding weights need embedding_optimizer fused8bit (stochastic rounding), not "
+            f"{t.embedding_optimizer}; choose fused8bit or fp32 weights")
     if not cfg.name.strip():
         problems["name"] = "must not be empty"
     a = cfg.adapter

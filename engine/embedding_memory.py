@@ -2,9 +2,19 @@
 
     handle = keep_stream_in_compute_dtype(model)   # fp32 embedding output -> autocast dtype (bf16)
     freed = free_frozen_originals(model)           # bytes of peft's frozen duplicates released
+    copies = trained_copies(model)                 # {"embed_tokens": module, "lm_head": module}
+    sparse = use_sparse_embedding_grad(model)      # embed_tokens' gradient: rows of seen tokens
 
-Both are switches of `training` (stream_in_compute_dtype, free_frozen_embeddings), applied by
-training_setup.setup_training once the adapters are attached and the trainable weights are fp32.
+Each is a switch of `training` (stream_in_compute_dtype, free_frozen_embeddings,
+embedding_weights, sparse_embedding_grad), applied by training_setup.prepare_embeddings once the
+adapters are attached.
+
+bf16 copies (embedding_weights) halve the weights and their gradients; they are only sound with
+the fused8bit optimizer, which rounds each update stochastically into bf16 (engine/optim.py
+decides). A sparse embed_tokens gradient (`nn.Embedding(sparse=True)` on the trained copy) holds
+only the rows of the batch's tokens (P1: at most 4,096 of 128,256 rows) instead of a dense
+vocab x hidden matrix; trainer's clipping and fused8bit read it, torch AdamW cannot, so it is
+only turned on with fused8bit, and never for tied embeddings (the head's gradient is dense).
 
 Why: a fully trained embed_tokens is an fp32 master copy, so its output is fp32, and under bf16
 autocast nothing brings the residual stream back down (4-bit linears return their input's dtype,
@@ -97,3 +107,49 @@ def _refuse(name: str):
     def hook(module, args):
         raise RuntimeError(FREED_MESSAGE.format(name=name))
     return hook
+
+
+def trained_copies(model: nn.Module) -> dict[str, nn.Module]:
+    """The active fully trained copies (peft modules_to_save) of the input and output embeddings."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    found: dict[str, nn.Module] = {}
+    for name, getter in (("embed_tokens", "get_input_embeddings"), ("lm_head", "get_output_embeddings")):
+        try:
+            wrapper = getattr(base, getter)()
+        except (AttributeError, NotImplementedError):
+            continue
+        if not isinstance(wrapper, ModulesToSaveWrapper) or len(wrapper.active_adapters) != 1:
+            continue
+        adapter = wrapper.active_adapters[0]
+        if adapter in wrapper.modules_to_save:
+            found[name] = wrapper.modules_to_save[adapter]
+    return found
+
+
+def copy_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The weight tensors of the trained copies, each once (tied copies share one)."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in trained_copies(model).values():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.requires_grad:
+            seen.setdefault(id(weight), weight)
+    return list(seen.values())
+
+
+def use_sparse_embedding_grad(model: nn.Module) -> bool:
+    """Make the trained embed_tokens copy produce a row-sparse gradient; False where it cannot
+    (no trained copy, not an nn.Embedding, or tied to lm_head, whose gradient is dense)."""
+    copies = trained_copies(model)
+    embed, head = copies.get("embed_tokens"), copies.get("lm_head")
+    if type(embed) is not nn.Embedding:
+        return False
+    head_weight = getattr(head, "weight", None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = base.get_output_embeddings()
+    out_weight = getattr(out, "weight", None)
+    if embed.weight is head_weight or embed.weight is out_weight:
+        return False
+    embed.sparse = True
+    return True

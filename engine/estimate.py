@@ -16,16 +16,19 @@ tell a 24 GB card from an 80 GB one, not to predict the allocator's peak. Terms 
   two AdamW moments = 16 B/param. Shapes come from `linear_module_shapes` when the model info has
   it, else from the name (gate/up/fc1: hidden -> intermediate, down/fc2: intermediate -> hidden,
   k/v: hidden -> kv dim, everything else hidden -> hidden).
-- trainable embeddings: a `full` embed_tokens or lm_head is a trained fp32 copy of vocab x hidden
-  (weight + gradient = 8 B/param, plus AdamW moments: 8 B in fp32, 2 B as the 8-bit states that
-  `embedding_optimizer` auto/adamw8bit uses on a GPU); `lora` is r * (vocab + hidden) params; with
-  tied embeddings the two are one matrix and counted once. With `free_frozen_embeddings` the frozen
+- trainable embeddings: a `full` embed_tokens or lm_head is a trained copy of vocab x hidden:
+  weight + gradient in bf16 (2 + 2 B/param, the GPU default: `embedding_weights` auto with the
+  fused8bit optimizer) or fp32 (4 + 4), plus AdamW moments: 8 B in fp32, 2 B as 8-bit states
+  (adamw8bit, fused8bit, auto); with `sparse_embedding_grad` (untied, fused8bit) embed_tokens'
+  gradient holds only batch x seq rows. `lora` is r * (vocab + hidden) params; with tied
+  embeddings the two are one matrix and counted once. With `free_frozen_embeddings` the frozen
   originals of fully trained copies leave the base-weights term.
 - activations, per token and layer, in the compute dtype (2 B, 4 for fp32), assuming SDPA/flash
   attention (no seq x seq score matrix is kept):
   `8 * hidden + 2 * kv_dim + 4 * intermediate` values (norm outputs, q/k/v, attention output,
   residuals, gate/up, activation, product) -> x batch x seq x layers. With gradient checkpointing
-  only each layer's input (hidden values) is kept, plus one layer's full set during recompute.
+  only each layer's input (hidden values) is kept, plus one layer's full set during recompute;
+  with `offload_checkpoints` (auto on a GPU) those inputs sit in CPU memory instead.
 - logits: batch x seq x vocab x 4 B (fp32 for the loss), x2 for their gradient; with kernels on,
   the fused loss holds one chunk of at most 2048 rows in bf16 (and its gradient).
 - CUDA context and allocator slack: a flat 500 MB.
@@ -126,10 +129,21 @@ def _embedding_params(info: Any, cfg: RunConfig, shape: dict[str, int]) -> int:
     return per_mode.get(cfg.adapter.embed_tokens, 0) + per_mode.get(cfg.adapter.lm_head, 0)
 
 
-def _embedding_bytes_per_param(cfg: RunConfig) -> float:
-    """fp32 weight + fp32 gradient + AdamW moments: 8 B in fp32, 2 B as 8-bit blockwise states."""
-    eight_bit = cfg.training.embedding_optimizer in ("adamw8bit", "auto")   # auto = 8-bit on a GPU
-    return 4 + 4 + (2 if eight_bit else 8)
+def _embedding_bytes(info: Any, cfg: RunConfig, shape: dict[str, int]) -> float:
+    """Weights + gradients + AdamW moments of the trained embed_tokens / lm_head, with the GPU
+    defaults for `auto`: bf16 copies (fused8bit), 8-bit states, embed_tokens' sparse gradient."""
+    t = cfg.training
+    fused = t.embedding_optimizer in ("fused8bit", "auto")
+    weight = 2 if t.embedding_weights == "bf16" or (t.embedding_weights == "auto" and fused) else 4
+    states = 2 if t.embedding_optimizer in ("adamw8bit", "fused8bit", "auto") else 8
+    params = _embedding_params(info, cfg, shape)
+    total = params * (weight + weight + states)
+    tied = getattr(info, "tied_embeddings", False)
+    if fused and t.sparse_embedding_grad and not tied and cfg.adapter.embed_tokens == "full":
+        # embed_tokens' gradient holds only the batch's rows, not vocab x hidden.
+        rows = min(shape["vocab"], t.batch_size * cfg.data.seq_len)
+        total -= (shape["vocab"] - rows) * shape["hidden"] * weight
+    return total
 
 
 def estimate_vram(info: Any, cfg: RunConfig) -> VramEstimate:
@@ -154,7 +168,7 @@ def estimate_vram(info: Any, cfg: RunConfig) -> VramEstimate:
 
     lora = _lora_params(info, cfg, shape) * TRAINABLE_BYTES
     trained_embed = _embedding_params(info, cfg, shape)
-    embeddings = trained_embed * _embedding_bytes_per_param(cfg)
+    embeddings = _embedding_bytes(info, cfg, shape) if trained_embed else 0
     if cfg.training.free_frozen_embeddings:
         # The frozen originals of fully trained copies are released once training starts.
         full = [m for m in (cfg.adapter.embed_tokens, cfg.adapter.lm_head) if m == "full"]
@@ -166,7 +180,9 @@ def estimate_vram(info: Any, cfg: RunConfig) -> VramEstimate:
     per_layer = (ACT_HIDDEN * shape["hidden"] + ACT_KV * shape["kv"]
                  + ACT_INTERMEDIATE * shape["intermediate"])
     if cfg.training.gradient_checkpointing:
-        per_token = shape["hidden"] * shape["layers"] + per_layer
+        # Each layer's input is kept for the recompute, in CPU memory when offloaded (auto on a GPU).
+        kept = 0 if cfg.training.offload_checkpoints in ("auto", "on") else shape["layers"]
+        per_token = shape["hidden"] * kept + per_layer
     else:
         per_token = per_layer * shape["layers"]
     activations = tokens * per_token * act_bytes

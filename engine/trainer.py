@@ -26,6 +26,7 @@ from .errors import CptError
 from .evaluation import evaluate_blocks, generate_samples
 from .events import (CheckpointSaved, EvalMetrics, Log, Phase, RunFailed, RunFinished, RunStarted,
                      Sample, StepMetrics)
+from .grad_clip import clip_grad_norm
 from .system_metrics import SystemMonitor
 from .training_setup import TRAINER_STATE_FILE, TrainingSetup, setup_training
 
@@ -96,6 +97,8 @@ class TrainingLoop:
         self._log(f"data: {s.data_stats}")
         if s.kernel_summary:
             self._log("kernels: " + ", ".join(s.kernel_summary))
+        if s.memory_summary:
+            self._log("memory: " + "; ".join(s.memory_summary))
         if not resumed_from:
             self._evaluate()
 
@@ -153,7 +156,7 @@ class TrainingLoop:
             self.tokens_seen += batch.numel()
         params = [p for g in s.optimizer.param_groups for p in g["params"]]
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        self._grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self._grad_norm = clip_grad_norm(params, max_norm)
         s.optimizer.step()
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)

@@ -49,6 +49,7 @@ class TrainingSetup:
     total_steps: int          # last global step number of this run
     loss_fn: Callable[[torch.Tensor], torch.Tensor]
     kernel_summary: list = field(default_factory=list)
+    memory_summary: list = field(default_factory=list)
     trainable_params: int = 0
     total_params: int = 0
 
@@ -87,11 +88,8 @@ def setup_training(cfg: RunConfig, workspace, emit: Callable, device: Optional[t
     model, tokenizer = load_base_model(resolved, cfg.model.precision, device.type,
                                        cfg.model.trust_remote_code)
     model = attach_adapters(model, cfg.adapter, init_from)
-    _trainable_to_fp32(model)
-    prepare_embeddings(model, cfg)
-    if cfg.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    memory = prepare_embeddings(model, cfg, device)
+    memory["offloaded_layers"] = enable_checkpointing(model, cfg, device)
     trainable, total = count_parameters(model)
     emit(Phase(phase="loading_model", progress=1.0, message=f"{resolved.display_name} ready"))
 
@@ -116,29 +114,72 @@ def setup_training(cfg: RunConfig, workspace, emit: Callable, device: Optional[t
         model_name=resolved.display_name, train_blocks=packed.train, eval_sets=packed.eval_sets,
         data_stats=packed.stats, sampler=sampler, optimizer=optimizer, scheduler=scheduler,
         param_groups=groups, base_step=base_step, total_steps=base_step + local_steps,
-        loss_fn=loss_fn, kernel_summary=kernel_summary, trainable_params=trainable,
+        loss_fn=loss_fn, kernel_summary=kernel_summary,
+        memory_summary=describe_memory_setup(memory), trainable_params=trainable,
         total_params=total)
 
 
-def _trainable_to_fp32(model) -> None:
-    """Keep fp32 master copies of trainable weights (half-precision Adam updates underflow)."""
+def _trainable_to_fp32(model, keep=()) -> None:
+    """Keep fp32 master copies of trainable weights (half-precision Adam updates underflow),
+    except the tensors in `keep` (bf16 embedding copies that fused8bit rounds stochastically)."""
+    kept = {id(p) for p in keep}
     for param in model.parameters():
-        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16) and id(param) not in kept:
             param.data = param.data.float()
 
 
-def prepare_embeddings(model, cfg: RunConfig) -> dict:
-    """The training.* embedding switches on an adapted model whose trainables are fp32 already:
-    free peft's frozen originals of fully trained embed_tokens/lm_head, keep the residual
-    stream in the autocast dtype. Returns what was done, for logs and the bench."""
-    from .embedding_memory import free_frozen_originals, keep_stream_in_compute_dtype
+def prepare_embeddings(model, cfg: RunConfig, device: torch.device) -> dict:
+    """The trainable weights' precision and the training.* embedding switches, on an adapted model:
+    fp32 masters (or bf16 trained embed_tokens/lm_head copies), peft's frozen originals freed,
+    the residual stream kept in the autocast dtype, a row-sparse embed_tokens gradient. Returns
+    what was done, for the logs and the bench."""
+    from .embedding_memory import (copy_weights, free_frozen_originals,
+                                   keep_stream_in_compute_dtype, use_sparse_embedding_grad)
+    from .optim import resolve_embedding_optimizer, resolve_embedding_weights
 
     t = cfg.training
+    dtype = resolve_embedding_weights(cfg, device)
+    copies = copy_weights(model) if dtype == torch.bfloat16 else []
+    for weight in copies:
+        weight.data = weight.data.to(dtype)
+    _trainable_to_fp32(model, keep=copies)
+    optimizer = resolve_embedding_optimizer(t.embedding_optimizer, device, t.kernels)
     done = {"freed_bytes": free_frozen_originals(model) if t.free_frozen_embeddings else 0,
-            "stream_in_compute_dtype": bool(t.stream_in_compute_dtype)}
+            "stream_in_compute_dtype": bool(t.stream_in_compute_dtype),
+            "embedding_weights": "bf16" if copies else "fp32",
+            "embedding_optimizer": optimizer,
+            "sparse_embedding_grad": bool(t.sparse_embedding_grad and optimizer == "fused8bit"
+                                          and use_sparse_embedding_grad(model))}
     if t.stream_in_compute_dtype:
         keep_stream_in_compute_dtype(model)
     return done
+
+
+def enable_checkpointing(model, cfg: RunConfig, device: torch.device) -> int:
+    """Gradient checkpointing (non-reentrant) when training.gradient_checkpointing is on, its layer
+    inputs offloaded to pinned CPU memory per training.offload_checkpoints; returns the number of
+    offloaded layers."""
+    model.config.use_cache = False
+    if not cfg.training.gradient_checkpointing:
+        return 0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mode = cfg.training.offload_checkpoints
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return 0
+    from .offload_checkpoint import enable_offloaded_checkpointing
+
+    return enable_offloaded_checkpointing(model)
+
+
+def describe_memory_setup(memory: dict) -> list[str]:
+    """Log lines for the memory switches that are on (beside the kernels' lines)."""
+    lines = [f"embed_tokens/lm_head copies in {memory['embedding_weights']}, "
+             f"{memory['embedding_optimizer']} optimizer"]
+    if memory.get("sparse_embedding_grad"):
+        lines.append("embed_tokens gradient: rows of the batch's tokens only")
+    if memory.get("offloaded_layers"):
+        lines.append(f"checkpointed layer inputs in CPU memory ({memory['offloaded_layers']} layers)")
+    return lines
 
 
 def _load_optimizer_state(optimizer, folder: Path) -> None:

@@ -170,11 +170,15 @@ def test_lora_embeddings_have_no_originals_to_free():
 def test_prepare_embeddings_follows_the_switches():
     cfg = RunConfig()
     assert cfg.training.free_frozen_embeddings and cfg.training.stream_in_compute_dtype
-    done = prepare_embeddings(adapted(), cfg)
-    assert done == {"freed_bytes": 2 * VOCAB * 32 * 2, "stream_in_compute_dtype": True}
+    done = prepare_embeddings(adapted(), cfg, CPU)
+    # On CPU: fp32 masters and torch AdamW, so no sparse gradient (only fused8bit reads one).
+    assert done == {"freed_bytes": 2 * VOCAB * 32 * 2, "stream_in_compute_dtype": True,
+                    "embedding_weights": "fp32", "embedding_optimizer": "adamw",
+                    "sparse_embedding_grad": False}
     cfg.training.free_frozen_embeddings = cfg.training.stream_in_compute_dtype = False
     model = adapted()
-    assert prepare_embeddings(model, cfg) == {"freed_bytes": 0, "stream_in_compute_dtype": False}
+    done = prepare_embeddings(model, cfg, CPU)
+    assert (done["freed_bytes"], done["stream_in_compute_dtype"]) == (0, False)
     assert model.get_base_model().model.embed_tokens.original_module.weight.device.type == "cpu"
 
 
@@ -189,7 +193,8 @@ def config(kind: str) -> RunConfig:
 
 def test_auto_is_8bit_on_cuda_only():
     assert resolve_embedding_optimizer("auto", CPU) == "adamw"
-    assert resolve_embedding_optimizer("auto", torch.device("cuda")) == "adamw8bit"
+    assert resolve_embedding_optimizer("auto", torch.device("cuda")) == "fused8bit"   # Triton is here
+    assert resolve_embedding_optimizer("auto", torch.device("cuda"), kernels="off") == "adamw8bit"
     assert resolve_embedding_optimizer("adamw8bit", CPU) == "adamw8bit"
     cfg = RunConfig()
     cfg.training.embedding_optimizer = "sgd"
