@@ -123,6 +123,10 @@ class TrainingConfig:
         True, "Compute the trained embed_tokens' gradient only for the rows of the tokens in the "
         "batch instead of a dense vocab x hidden matrix. Applies with fused8bit on models whose "
         "embeddings are not tied; every row is still updated by AdamW.")
+    defer_head_grad: bool = option(
+        True, "With kernels on, compute a fully trained lm_head's gradient after the layers' "
+        "backward instead of in the loss's forward, so the vocab x hidden gradient does not sit in "
+        "memory beside the layers' activations (one more lm_head matmul a step).")
     offload_checkpoints: str = option(
         "auto", "With gradient checkpointing, keep each layer's saved input in pinned CPU memory "
         "instead of GPU memory (layers x tokens x hidden x 2 bytes), copied back for the "

@@ -109,6 +109,8 @@ def setup_training(cfg: RunConfig, workspace, emit: Callable, device: Optional[t
     scheduler = build_scheduler(optimizer, cfg, local_steps)
 
     loss_fn, kernel_summary = _make_loss_fn(model, cfg, device)
+    patch = getattr(loss_fn, "patch", None)
+    memory["defer_head_grad"] = bool(patch is not None and patch.fused_loss and patch.defer_head_grad)
     return TrainingSetup(
         config=cfg, device=device, model=model, tokenizer=tokenizer,
         model_name=resolved.display_name, train_blocks=packed.train, eval_sets=packed.eval_sets,
@@ -177,6 +179,8 @@ def describe_memory_setup(memory: dict) -> list[str]:
              f"{memory['embedding_optimizer']} optimizer"]
     if memory.get("sparse_embedding_grad"):
         lines.append("embed_tokens gradient: rows of the batch's tokens only")
+    if memory.get("defer_head_grad"):
+        lines.append("a trained lm_head's gradient computed after the layers' backward")
     if memory.get("offloaded_layers"):
         lines.append(f"checkpointed layer inputs in CPU memory ({memory['offloaded_layers']} layers)")
     return lines
@@ -212,7 +216,7 @@ def _make_loss_fn(model, cfg: RunConfig, device: torch.device):
     if use_kernels:
         from .patching import apply_kernels
 
-        patch = apply_kernels(model, True)
+        patch = apply_kernels(model, True, defer_head_grad=cfg.training.defer_head_grad)
         summary = list(patch.summary())
 
     def loss_fn(input_ids: torch.Tensor) -> torch.Tensor:
@@ -221,4 +225,5 @@ def _make_loss_fn(model, cfg: RunConfig, device: torch.device):
                 return patch.loss(model, input_ids, input_ids)
             return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
+    loss_fn.patch = patch
     return loss_fn, summary

@@ -122,6 +122,7 @@ class FusedLinearCrossEntropyOptions:
     chunk_rows: int = 1024
     triton: bool = False
     compute_grad: bool = True
+    defer_weight_grad: bool = False   # dW by DeferredWeightGrad.compute, not in the forward
 
 
 def fused_linear_cross_entropy_forward(hidden, weight, labels, lora_xa, lora_b, opts, needs=(True,) * 4):
@@ -136,7 +137,7 @@ def fused_linear_cross_entropy_forward(hidden, weight, labels, lora_xa, lora_b, 
     w = weight if weight.dtype == dtype else weight.to(dtype)  # one copy, as autocast would make
     lora = lora_xa is not None
     grad = opts.compute_grad
-    need_dx, need_dw = grad and needs[0], grad and needs[1]
+    need_dx, need_dw = grad and needs[0], grad and needs[1] and not opts.defer_weight_grad
     need_dxa, need_db = grad and lora and needs[2], grad and lora and needs[3]
     inv_n = 1.0 / (labels != opts.ignore_index).sum().clamp(min=1).to(torch.float32)  # no host sync
     inv_n = inv_n.reshape(1)
@@ -179,12 +180,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper: (hidden, weight, labels, lora_xa, lora_b, options) -> mean CE loss."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, lora_xa, lora_b, opts):
+    def forward(ctx, hidden, weight, labels, lora_xa, lora_b, opts, deferred=None):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                  ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         with torch.autocast(hidden.device.type, enabled=False):
             loss, grads = fused_linear_cross_entropy_forward(hidden, weight, labels, lora_xa, lora_b, opts, needs)
         ctx.grads = grads
+        ctx.deferred = deferred
+        if deferred is not None:
+            deferred.record(hidden, weight, labels, opts)
         return loss
 
     @staticmethod
@@ -193,17 +197,21 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             raise RuntimeError("fused linear cross-entropy: backward ran twice (retain_graph is not supported)")
         dx, dw, dxa, db = fused_linear_cross_entropy_backward(ctx.grads, grad_loss)
         ctx.grads = None
-        return dx, dw, None, dxa, db, None
+        if ctx.deferred is not None:
+            ctx.deferred.grad_loss = grad_loss
+        return dx, dw, None, dxa, db, None, None
 
 
-def default_chunk_rows(n_rows: int, vocab: int, itemsize: int = 2) -> int:
-    """Rows per chunk: a power of two whose logits fit in 512 MiB (2048 rows at V=128256, bf16)."""
-    rows = max(1, _CHUNK_BYTES // (itemsize * vocab))
+def default_chunk_rows(n_rows: int, vocab: int, itemsize: int = 2, chunk_bytes: int = _CHUNK_BYTES) -> int:
+    """Rows per chunk: a power of two whose logits fit in chunk_bytes (512 MiB: 2048 rows at
+    V=128256, bf16)."""
+    rows = max(1, chunk_bytes // (itemsize * vocab))
     return max(1, min(n_rows, 1 << (rows.bit_length() - 1)))
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, *, lora_A=None, lora_B=None, lora_scaling=1.0,
-                               lora_dropout=None, ignore_index=IGNORE_INDEX, chunk_rows=None, backend="auto"):
+                               lora_dropout=None, ignore_index=IGNORE_INDEX, chunk_rows=None, backend="auto",
+                               deferred=None):
     """Mean cross-entropy of (hidden @ weight^T [+ LoRA delta]) against labels, chunked.
 
     Args:
@@ -214,6 +222,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, lora_A=None, lora_B=No
         lora_scaling: LoRA scale s (alpha / r). lora_dropout: peft's dropout module, or None.
         chunk_rows: rows per chunk (default: default_chunk_rows). backend: "auto"/"triton"/"torch",
             choosing the CE kernel; the matmuls always run through PyTorch.
+        deferred: a kernels.deferred_weight_grad.DeferredWeightGrad attached upstream: the weight's
+            gradient is computed at the end of the backward instead of in this forward (only
+            without LoRA on the head).
     Returns:
         0-d fp32 loss; backward gives grads of hidden, weight, lora_A, lora_B.
     """
@@ -229,11 +240,14 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, lora_A=None, lora_B=No
         xa = F.linear(lora_in.to(lora_A.dtype), lora_A)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, xa, lora_B))
+    if deferred is not None and not (compute_grad and weight.requires_grad and xa is None):
+        deferred = None   # nothing to defer (eval, frozen head, LoRA head): dW as usual
     opts = FusedLinearCrossEntropyOptions(
         lora_scaling=float(lora_scaling), ignore_index=ignore_index,
         chunk_rows=chunk_rows or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.element_size()),
-        triton=use_triton(hidden, backend), compute_grad=compute_grad)
-    return LinearCrossEntropyFunction.apply(hidden, weight, labels, xa, lora_B, opts)
+        triton=use_triton(hidden, backend), compute_grad=compute_grad,
+        defer_weight_grad=deferred is not None)
+    return LinearCrossEntropyFunction.apply(hidden, weight, labels, xa, lora_B, opts, deferred)
 
 
 def linear_cross_entropy_reference(hidden, weight, labels, lora_A=None, lora_B=None, lora_scaling=1.0,

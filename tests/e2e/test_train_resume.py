@@ -75,10 +75,11 @@ def test_loss_falls_and_adapter_loads(tmp_path, tiny_config):
 RESUME_CASES = {
     "adamw": {"embedding_optimizer": "auto"},                 # torch AdamW on CPU
     "adamw8bit": {"embedding_optimizer": "adamw8bit"},        # bitsandbytes' 8-bit states
-    # our fused 8-bit step (stochastic codes), embed_tokens' sparse gradient, and checkpointed
-    # layer inputs offloaded (on CPU a clone: the same code path as pinned memory on CUDA)
+    # our fused 8-bit step (stochastic codes), embed_tokens' sparse gradient, checkpointed layer
+    # inputs offloaded (on CPU a clone: the same code path as pinned memory on CUDA), and the
+    # kernels (interpreted Triton) with the lm_head gradient deferred to the end of the backward
     "fused8bit-sparse-offload": {"embedding_optimizer": "fused8bit", "gradient_checkpointing": True,
-                                 "offload_checkpoints": "on"},
+                                 "offload_checkpoints": "on", "kernels": "on"},
 }
 
 
@@ -110,6 +111,7 @@ def test_resume_continues_the_same_curve_bitwise(tmp_path, tiny_config, case):
         memory = _memory_log(full_events)
         assert "fused8bit optimizer" in memory and "rows of the batch's tokens only" in memory
         assert "checkpointed layer inputs in CPU memory (2 layers)" in memory
+        assert "lm_head's gradient computed after the layers' backward" in memory
 
 
 @pytest.mark.gpu

@@ -271,3 +271,35 @@ def test_lora_dropout_layers_are_left_as_peft():
 
 
 # The 4-bit LoRA layers (the fused 4-bit function): tests/engine/test_lora_forward.py
+
+
+@pytest.mark.parametrize("head,embed_trained", [("full", True), ("full", False), ("lora", True)])
+def test_deferred_head_grad_gives_the_same_loss_and_gradients(head, embed_trained, monkeypatch):
+    """training.defer_head_grad: the trained lm_head's gradient is computed after the layers'
+    backward (kernels.DeferredWeightGrad) with the same values; a LoRA head or a frozen embedding
+    (nothing upstream to trigger it) keeps the usual path."""
+    from cpt_studio.kernels.deferred_weight_grad import DeferredWeightGrad
+
+    deferred_runs = []
+    compute = DeferredWeightGrad.compute
+    monkeypatch.setattr(DeferredWeightGrad, "compute",
+                        lambda self: (deferred_runs.append(self.saved is not None), compute(self))[1])
+    model = _peft_model(head)
+    if not embed_trained:
+        for name, param in model.named_parameters():
+            if "embed_tokens" in name:
+                param.requires_grad_(False)
+    ids, labels = _batch("cpu")
+    results = []
+    for defer in (False, True):
+        patch = apply_kernels(model, enabled=True, defer_head_grad=defer)
+        try:
+            results.append(_loss_and_grads(model, lambda i, lab: patch.loss(model, i, lab), ids, labels))
+        finally:
+            patch.revert()
+    (loss, grads), (loss_d, grads_d) = results
+    assert deferred_runs == ([True] if head == "full" and embed_trained else [])
+    assert torch.equal(loss, loss_d) and grads.keys() == grads_d.keys()
+    assert any("lm_head" in n for n in grads)
+    for name in grads:
+        assert torch.equal(grads[name], grads_d[name]), name

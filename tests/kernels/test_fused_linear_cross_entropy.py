@@ -113,3 +113,47 @@ def test_default_chunk_rows_bounds_the_logits_chunk():
     assert default_chunk_rows(8192, 128256, 4) == 1024
     assert default_chunk_rows(10, 128256) == 10
     assert default_chunk_rows(8192, 32000, 4) == 4096
+
+
+@pytest.mark.parametrize("dev,dtype", on_devices([(F32,), (BF16,)], [(BF16,)]), indirect=["dev"])
+def test_deferred_weight_grad_is_the_same_and_arrives_after_the_layers(dev, dtype):
+    """DeferredWeightGrad: dW computed when the backward reaches the attached node (after every
+    "layer" between it and the loss), bit for bit the dW of the forward-time computation, scaled
+    by the loss's incoming gradient and added to an existing .grad."""
+    from cpt_studio.kernels.deferred_weight_grad import DeferredWeightGrad
+
+    n, h, v = 42, 32, 431
+    x, w, labels, _ = _inputs(n, h, v, dtype, "full", dev)
+    layer = torch.randn(h, h, device=dev).to(dtype) / h ** 0.5   # a stand-in for the decoder body
+
+    def run(defer):
+        emb = x.detach().clone().requires_grad_()
+        weight = w.detach().clone().requires_grad_()
+        weight.grad = torch.full_like(weight, 0.5)                # a previous micro-batch's grad
+        deferred = DeferredWeightGrad() if defer else None
+        start = deferred.attach(emb) if defer else emb
+        hidden = torch.tanh(start @ layer)
+        seen = {}
+        hidden.register_hook(lambda g: seen.update(grad_at_layer=weight.grad.clone()))
+        loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_rows=16, deferred=deferred)
+        (loss * 0.25).backward()
+        return loss.detach(), emb.grad, weight.grad, seen["grad_at_layer"]
+
+    loss, dx, dw, during = run(False)
+    loss_d, dx_d, dw_d, during_d = run(True)
+    assert torch.equal(loss, loss_d) and torch.equal(dx, dx_d) and torch.equal(dw, dw_d)
+    assert not torch.equal(during, torch.full_like(during, 0.5))       # usual: dW already there
+    assert torch.equal(during_d, torch.full_like(during_d, 0.5))       # deferred: not yet
+
+
+def test_deferred_weight_grad_steps_aside_without_a_trainable_head():
+    from cpt_studio.kernels.deferred_weight_grad import DeferredWeightGrad
+
+    x, w, labels, lora = _inputs(42, 32, 431, F32, "frozen+lora", "cpu")
+    emb = x.clone().requires_grad_()
+    deferred = DeferredWeightGrad()
+    a, b = (t.clone().requires_grad_() for t in lora)
+    loss = fused_linear_cross_entropy(deferred.attach(emb) * 1.0, w, labels, lora_A=a, lora_B=b,
+                                      deferred=deferred, backend="torch")
+    loss.backward()
+    assert deferred.saved is None and w.grad is None and a.grad is not None and emb.grad is not None
