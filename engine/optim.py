@@ -99,6 +99,10 @@ def build_optimizer(model, cfg: RunConfig, device: torch.device):
     return CombinedOptimizer(parts), described
 
 
+# training.embedding_optimizer's value for the optimizer class of the embeddings group
+_OPTION_OF = {"AdamW": "adamw", "AdamW8bit": "adamw8bit", "FusedAdamW8bit": "fused8bit"}
+
+
 class CombinedOptimizer(torch.optim.Optimizer):
     """Several optimizers stepped as one: param_groups (the parts' own dicts, so a scheduler's lr
     changes reach them), step, zero_grad, and a state_dict of the parts' state dicts (tensors,
@@ -141,9 +145,10 @@ class CombinedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         names = [type(p).__name__ for p in self.parts]
         if not isinstance(state_dict, dict) or state_dict.get("combined") != names:
-            saved = state_dict.get("combined", "one torch AdamW") if isinstance(state_dict, dict) else "?"
-            raise ValueError(f"the saved optimizer is {saved}, this run uses {names} "
-                             "(training.embedding_optimizer differs)")
+            saved = state_dict.get("combined", ["AdamW"]) if isinstance(state_dict, dict) else ["?"]
+            was, now = _OPTION_OF.get(saved[0], saved[0]), _OPTION_OF.get(names[0], names[0])
+            raise ValueError(f"its embeddings were trained with the {was} optimizer, this run uses "
+                             f"{now}; set training.embedding_optimizer: {was} to continue it")
         for part, sd in zip(self.parts, state_dict["parts"]):
             part.load_state_dict(sd)
 

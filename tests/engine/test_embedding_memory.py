@@ -251,8 +251,12 @@ def test_8bit_embedding_states_combine_with_adamw_and_resume_exactly(tmp_path):
     with pytest.raises(CheckpointError):
         _load_state(plain, tmp_path / "optimizer.pt", "")
     torch.save(plain.state_dict(), tmp_path / "plain.pt")
-    with pytest.raises(CheckpointError, match="embedding_optimizer"):
+    with pytest.raises(CheckpointError, match="trained with the adamw optimizer, this run uses "
+                                              "adamw8bit; set training.embedding_optimizer: adamw"):
         _load_state(optimizer2, tmp_path / "plain.pt", "")
+    fused, _ = build_optimizer(adapted(bf16_base=False), config("fused8bit"), CPU)
+    with pytest.raises(CheckpointError, match="set training.embedding_optimizer: adamw8bit"):
+        _load_state(fused, tmp_path / "optimizer.pt", "")   # an older run's default, resumed today
 
 
 def test_8bit_embedding_states_learn_what_fp32_states_learn():
