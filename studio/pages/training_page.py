@@ -22,6 +22,10 @@ from cpt_studio.studio.config_form import ERROR_COLOR, ConfigForm
 from cpt_studio.studio.pages.target_modules import TargetModulesBox
 
 YAML_FILTER = "YAML config (*.yaml *.yml);;All files (*)"
+# training.* fields shown in their own "Memory and speed" group, in this order
+MEMORY_FIELDS = ("gradient_checkpointing", "offload_checkpoints", "kernels", "embedding_optimizer",
+                 "embedding_weights", "sparse_embedding_grad", "defer_head_grad",
+                 "stream_in_compute_dtype", "free_frozen_embeddings")
 
 
 class TrainingPage(QWidget):
@@ -62,7 +66,10 @@ class TrainingPage(QWidget):
                                              "Embedding lr (direct)").widget
         self.direct_lr.setToolTip(self.direct_lr.toolTip() + "\n'auto' = learning rate / ratio.")
         self.form.add_section("training", training, skip={
-            "learning_rate", "embedding_lr_ratio", "embedding_learning_rate"})
+            "learning_rate", "embedding_lr_ratio", "embedding_learning_rate", *MEMORY_FIELDS})
+        memory = QFormLayout()   # speed and memory switches: each "auto" picks the GPU default
+        for name in MEMORY_FIELDS:
+            self.form.add_field(f"training.{name}", memory)
 
         evaluation = QFormLayout()
         self.form.add_section("eval", evaluation)
@@ -80,6 +87,7 @@ class TrainingPage(QWidget):
         col2.addWidget(_group("Optimisation", training))
         col2.addStretch(1)
         col3 = QVBoxLayout()
+        col3.addWidget(_group("Memory and speed", memory))
         col3.addWidget(_group("Evaluation and samples", evaluation))
         col3.addWidget(_group("Checkpoints", checkpoints))
         col3.addStretch(1)
