@@ -61,7 +61,9 @@ if TRITON_AVAILABLE:
         r = tl.join(tl.join(r0, r1), tl.join(r2, r3))        # [BLOCKS, QBLOCK // 4, 2, 2]
         return tl.reshape(r, [BLOCKS, QBLOCK])
 
-    @triton.jit
+    # seed differs every step: unspecialised, or Triton would compile a second variant the first
+    # time a seed is divisible by 16 (a 1.3 s step in the middle of a P2 run on H200)
+    @triton.jit(do_not_specialize=["seed"])
     def _adamw8bit_kernel(P, G, SLOT, MQ, VQ, MS, VS, n, n_cols,
                           beta1, one_minus_beta1, beta2, one_minus_beta2,
                           decay, step_size, inv_bc2_sqrt, eps, seed,

@@ -208,3 +208,19 @@ def test_unsupported_inputs_raise_with_the_fix():
                        init_adamw8bit_state(torch.zeros(32)), step=1, lr=1e-3)
     with pytest.raises(ValueError, match="init_adamw8bit_state"):
         adamw8bit_step(torch.zeros(5, 8), torch.zeros(5, 8), state, step=1, lr=1e-3)
+
+
+@pytest.mark.gpu
+def test_the_step_seed_does_not_trigger_recompiles():
+    """Triton specialises integer arguments divisible by 16 (and == 1); the per-step seed must not
+    be, or the first such seed compiles a second variant in the middle of a run."""
+    from cpt_studio.kernels.adamw8bit import _adamw8bit_kernel
+
+    p = torch.zeros(4, QBLOCK, device="cuda", dtype=torch.bfloat16)
+    state = init_adamw8bit_state(p)
+    g = torch.ones_like(p)
+    adamw8bit_step(p, g, state, step=1, seed=3)
+    before = sum(len(c[0]) for c in _adamw8bit_kernel.device_caches.values())
+    for step, seed in enumerate((16, 1, 32, 17, 2**30), start=2):
+        adamw8bit_step(p, g, state, step=step, seed=seed)
+    assert sum(len(c[0]) for c in _adamw8bit_kernel.device_caches.values()) == before
