@@ -43,6 +43,7 @@ def run_config(args, batch: int, seq: int, device: torch.device):
     t.seed, t.kernels = args.seed, args.kernels
     t.embedding_optimizer = args.embedding_optimizer
     t.embedding_weights = args.embedding_weights
+    t.lora_optimizer = args.lora_optimizer
     t.sparse_embedding_grad = not args.dense_embedding_grad
     t.offload_checkpoints = args.offload_checkpoints
     t.stream_in_compute_dtype = not args.fp32_stream
@@ -84,6 +85,8 @@ def main() -> None:
                         default="auto", help="training.embedding_optimizer")
     parser.add_argument("--embedding-weights", choices=("auto", "fp32", "bf16"), default="auto",
                         help="training.embedding_weights")
+    parser.add_argument("--lora-optimizer", choices=("adamw", "fused8bit"), default="adamw",
+                        help="training.lora_optimizer")
     parser.add_argument("--dense-embedding-grad", action="store_true",
                         help="training.sparse_embedding_grad off")
     parser.add_argument("--offload-checkpoints", choices=("auto", "on", "off"), default="auto",

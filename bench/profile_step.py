@@ -510,6 +510,7 @@ def main() -> None:
     args.steps = args.warm_steps + args.profile_steps
     args.embedding_optimizer, args.fp32_stream, args.keep_frozen_embeddings = "auto", False, False
     args.embedding_weights, args.dense_embedding_grad, args.offload_checkpoints = "auto", False, "auto"
+    args.lora_optimizer = "adamw"
     args.upcast_trainable = False
     if args.analyse:   # redo the tables from a kept trace: --analyse T.json.gz --shape p1
         trace = json.loads(gzip.decompress(Path(args.analyse).read_bytes()))

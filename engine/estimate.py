@@ -13,7 +13,7 @@ tell a 24 GB card from an 80 GB one, not to predict the allocator's peak. Terms 
   quantized by bitsandbytes: they stay at 2 B/param (4 for fp32). `auto` counts as 4bit, the
   GPU default.
 - LoRA: r * (in + out) params per adapted Linear per layer, each with an fp32 weight, gradient and
-  two AdamW moments = 16 B/param. Shapes come from `linear_module_shapes` when the model info has
+  two AdamW moments = 16 B/param (10 with `lora_optimizer` fused8bit: 8-bit moments). Shapes come from `linear_module_shapes` when the model info has
   it, else from the name (gate/up/fc1: hidden -> intermediate, down/fc2: intermediate -> hidden,
   k/v: hidden -> kv dim, everything else hidden -> hidden).
 - trainable embeddings: a `full` embed_tokens or lm_head is a trained copy of vocab x hidden:
@@ -166,7 +166,9 @@ def estimate_vram(info: Any, cfg: RunConfig) -> VramEstimate:
     embed_bytes = 4 if precision == "fp32" else 2
     base = linear_params * LINEAR_BYTES[precision] + embed_params * embed_bytes
 
-    lora = _lora_params(info, cfg, shape) * TRAINABLE_BYTES
+    # fp32 weight + gradient + AdamW moments: 8 B in fp32, 2 B with lora_optimizer fused8bit
+    lora_bytes = TRAINABLE_BYTES if cfg.training.lora_optimizer == "adamw" else 4 + 4 + 2
+    lora = _lora_params(info, cfg, shape) * lora_bytes
     trained_embed = _embedding_params(info, cfg, shape)
     embeddings = _embedding_bytes(info, cfg, shape) if trained_embed else 0
     if cfg.training.free_frozen_embeddings:

@@ -73,13 +73,19 @@ def build_optimizer(model, cfg: RunConfig, device: torch.device):
     # fused AdamW is the fastest path on CUDA; on CPU the foreach path is the default.
     extra = {"fused": True} if device.type == "cuda" else {}
     kind = resolve_embedding_optimizer(cfg.training.embedding_optimizer, device, cfg.training.kernels)
+    other_kind = cfg.training.lora_optimizer
     described = describe_param_groups(groups)
     for g in groups:
-        described[g["name"]]["optimizer"] = kind if g["name"] == "embeddings" else "adamw"
+        described[g["name"]]["optimizer"] = kind if g["name"] == "embeddings" else other_kind
     embeddings = [g for g in groups if g["name"] == "embeddings"]
-    if kind == "adamw" or not embeddings:
+    other = [g for g in groups if g["name"] != "embeddings"]
+    if other_kind == "adamw" and (kind == "adamw" or not embeddings):
         return torch.optim.AdamW(groups, betas=BETAS, eps=EPS, **extra), described
-    if kind == "fused8bit":
+    if not embeddings:
+        parts = []
+    elif kind == "adamw":
+        parts = [torch.optim.AdamW(embeddings, betas=BETAS, eps=EPS, **extra)]
+    elif kind == "fused8bit":
         from .fused_adamw import FusedAdamW8bit
 
         parts = [FusedAdamW8bit(embeddings, betas=BETAS, eps=EPS, stochastic_rounding=True,
@@ -93,8 +99,13 @@ def build_optimizer(model, cfg: RunConfig, device: torch.device):
                                "which is not installed; use adamw or fused8bit"}) from None
         # Tensors under 4096 elements (bnb's min_8bit_size) keep 32-bit states inside bnb too.
         parts = [bnb.optim.AdamW8bit(embeddings, betas=BETAS, eps=EPS)]
-    other = [g for g in groups if g["name"] != "embeddings"]
-    if other:
+    if other and other_kind == "fused8bit":
+        from .fused_adamw import FusedAdamW8bit
+
+        # its own rounding noise: another seed than the embeddings' optimizer
+        parts.append(FusedAdamW8bit(other, betas=BETAS, eps=EPS, stochastic_rounding=True,
+                                    seed=cfg.training.seed + 1))
+    elif other:
         parts.append(torch.optim.AdamW(other, betas=BETAS, eps=EPS, **extra))
     return CombinedOptimizer(parts), described
 
@@ -146,9 +157,13 @@ class CombinedOptimizer(torch.optim.Optimizer):
         names = [type(p).__name__ for p in self.parts]
         if not isinstance(state_dict, dict) or state_dict.get("combined") != names:
             saved = state_dict.get("combined", ["AdamW"]) if isinstance(state_dict, dict) else ["?"]
-            was, now = _OPTION_OF.get(saved[0], saved[0]), _OPTION_OF.get(names[0], names[0])
-            raise ValueError(f"its embeddings were trained with the {was} optimizer, this run uses "
-                             f"{now}; set training.embedding_optimizer: {was} to continue it")
+            part = 0 if saved[0] != names[0] else min(1, len(saved) - 1, len(names) - 1)
+            was = _OPTION_OF.get(saved[part], saved[part])
+            now = _OPTION_OF.get(names[part], names[part])
+            field, group = (("embedding_optimizer", "embeddings") if part == 0 else
+                            ("lora_optimizer", "LoRA weights"))
+            raise ValueError(f"its {group} were trained with the {was} optimizer, this run uses "
+                             f"{now}; set training.{field}: {was} to continue it")
         for part, sd in zip(self.parts, state_dict["parts"]):
             part.load_state_dict(sd)
 

@@ -77,9 +77,11 @@ RESUME_CASES = {
     "adamw8bit": {"embedding_optimizer": "adamw8bit"},        # bitsandbytes' 8-bit states
     # our fused 8-bit step (stochastic codes), embed_tokens' sparse gradient, checkpointed layer
     # inputs offloaded (on CPU a clone: the same code path as pinned memory on CUDA), and the
-    # kernels (interpreted Triton) with the lm_head gradient deferred to the end of the backward
+    # kernels (interpreted Triton) with the lm_head gradient deferred to the end of the backward,
+    # and 8-bit states for the LoRA group too
     "fused8bit-sparse-offload": {"embedding_optimizer": "fused8bit", "gradient_checkpointing": True,
-                                 "offload_checkpoints": "on", "kernels": "on"},
+                                 "offload_checkpoints": "on", "kernels": "on",
+                                 "lora_optimizer": "fused8bit"},
 }
 
 
@@ -112,6 +114,8 @@ def test_resume_continues_the_same_curve_bitwise(tmp_path, tiny_config, case):
         assert "fused8bit optimizer" in memory and "rows of the batch's tokens only" in memory
         assert "checkpointed layer inputs in CPU memory (2 layers)" in memory
         assert "lm_head's gradient computed after the layers' backward" in memory
+        groups = next(e for e in full_events if isinstance(e, RunStarted)).param_groups
+        assert groups["embeddings"]["optimizer"] == groups["other"]["optimizer"] == "fused8bit"
 
 
 @pytest.mark.gpu

@@ -257,18 +257,30 @@ def test_8bit_embedding_states_combine_with_adamw_and_resume_exactly(tmp_path):
     fused, _ = build_optimizer(adapted(bf16_base=False), config("fused8bit"), CPU)
     with pytest.raises(CheckpointError, match="set training.embedding_optimizer: adamw8bit"):
         _load_state(fused, tmp_path / "optimizer.pt", "")   # an older run's default, resumed today
+    lora8 = config("adamw8bit")
+    lora8.training.lora_optimizer = "fused8bit"
+    other, _ = build_optimizer(adapted(bf16_base=False), lora8, CPU)
+    with pytest.raises(CheckpointError, match="its LoRA weights were trained with the adamw "
+                                              "optimizer.*set training.lora_optimizer: adamw"):
+        _load_state(other, tmp_path / "optimizer.pt", "")
 
 
 def test_8bit_embedding_states_learn_what_fp32_states_learn():
     losses = {}
-    for kind in ("adamw", "adamw8bit"):
-        cfg = config(kind)
+    # (embeddings group, other group): bnb's and our 8-bit states, ours on the LoRA group too
+    for kinds in (("adamw", "adamw"), ("adamw8bit", "adamw"), ("fused8bit", "adamw"),
+                  ("fused8bit", "fused8bit")):
+        cfg = config(kinds[0])
+        cfg.training.lora_optimizer = kinds[1]
         cfg.training.learning_rate, cfg.training.embedding_learning_rate = 1e-2, 1e-3
         model = adapted(bf16_base=False)
-        optimizer, _ = build_optimizer(model, cfg, CPU)
+        optimizer, described = build_optimizer(model, cfg, CPU)
+        assert (described["embeddings"]["optimizer"], described["other"]["optimizer"]) == kinds
         scheduler = build_scheduler(optimizer, cfg, 20)
         _steps(model, optimizer, scheduler, [0, 1] * 10)
         model.eval()
         with torch.no_grad():
-            losses[kind] = float(model(input_ids=ids(0), labels=ids(0)).loss)
-    assert abs(losses["adamw8bit"] - losses["adamw"]) / losses["adamw"] < 0.01
+            losses[kinds] = float(model(input_ids=ids(0), labels=ids(0)).loss)
+    reference = losses[("adamw", "adamw")]
+    for kinds, loss in losses.items():
+        assert abs(loss - reference) / reference < 0.01, (kinds, loss, reference)

@@ -121,6 +121,8 @@ def test_lora_grows_with_rank_and_targets():
     assert 40e6 * 16 < r16 < 44e6 * 16
     cfg.adapter.r = 32
     assert estimate_vram(Info(), cfg).lora == 2 * r16
+    cfg.training.lora_optimizer = "fused8bit"       # 8-bit moments: 10 instead of 16 B/param
+    assert estimate_vram(Info(), cfg).lora == 2 * r16 * 10 // 16
     cfg.adapter.r = 16
     cfg.adapter.target_modules = ["q_proj", "v_proj"]
     assert estimate_vram(Info(), cfg).lora < r16 / 5
