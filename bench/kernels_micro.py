@@ -4,7 +4,8 @@ Usage (on the device): python bench/kernels_micro.py [--quick]
 Prints one row per case: median time of fwd+bwd (triton.testing.do_bench, fresh random inputs,
 grads reset between runs), peak extra memory of one fwd+bwd, and the relative error of the
 kernel's output vs the reference. The baseline is measured in the same run, on the same inputs.
-Last, the 8-bit AdamW step vs bitsandbytes' AdamW8bit (--only adamw8bit runs just those rows).
+Last, the 8-bit AdamW step vs bitsandbytes' AdamW8bit (--only adamw8bit runs just those rows) and
+the one-launch NF4 dequantize vs bitsandbytes' (--only nf4).
 """
 from __future__ import annotations
 
@@ -91,10 +92,34 @@ def _adamw8bit_cases(quick: bool) -> None:
               f"{t_base:.3f} | {ms:.3f} | {t_base / ms:.2f}x | {m_base:.2f} | {peak:.2f} | n/a |", flush=True)
 
 
+def _nf4_cases(quick: bool) -> None:
+    """Dequantizing a double-quantized NF4 weight to bf16 (the P1 gate/up/down shape): one Triton
+    launch vs bitsandbytes' dequantize_4bit (two launches and an add). Columns as above; rel err
+    of ours vs bitsandbytes."""
+    import bitsandbytes.functional as bnbf
+    import triton.testing
+
+    from cpt_studio.kernels.nf4_dequant import nf4_dequant
+
+    shape = (1024, 4096) if quick else (14336, 4096)
+    w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    packed, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    nested = (qs.state2.absmax, qs.state2.code, qs.state2.blocksize, qs.offset)
+    ours = lambda: nf4_dequant(packed, qs.code, qs.absmax, qs.blocksize, qs.shape, torch.bfloat16, nested)  # noqa: E731
+    theirs = lambda: bnbf.dequantize_4bit(packed, qs)  # noqa: E731
+    t_base = triton.testing.do_bench(theirs, warmup=25, rep=200, return_mode="median")
+    t_ours = triton.testing.do_bench(ours, warmup=25, rep=200, return_mode="median")
+    err = ((ours().float() - theirs().float()).norm() / theirs().float().norm()).item()
+    n = shape[0] * shape[1]
+    print(f"| NF4 dequantize {shape[0]}x{shape[1]} -> bf16, double quant ({2.5 * n / t_ours / 1e6:.0f} "
+          f"GB/s at 2.5 B/element) | {t_base:.3f} | {t_ours:.3f} | {t_base / t_ours:.2f}x | "
+          f"{_peak_gib(theirs):.2f} | {_peak_gib(ours):.2f} | {err:.1e} |", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller shapes (smoke test)")
-    ap.add_argument("--only", choices=("all", "adamw8bit"), default="all", help="run one group of cases")
+    ap.add_argument("--only", choices=("all", "adamw8bit", "nf4"), default="all", help="run one group of cases")
     args = ap.parse_args(argv)
     import transformers
     import triton
@@ -114,6 +139,9 @@ def main(argv=None) -> int:
     n = 1024 if args.quick else 8192
     if args.only == "adamw8bit":
         _adamw8bit_cases(args.quick)
+        return 0
+    if args.only == "nf4":
+        _nf4_cases(args.quick)
         return 0
 
     x = torch.randn(n, 4096, device=dev, dtype=bf16, requires_grad=True)
@@ -176,6 +204,7 @@ def main(argv=None) -> int:
           lambda: loss_bwd(fused_linear_cross_entropy(h, wf, labels, lora_A=la, lora_B=lb, lora_scaling=2.0)),
           lambda: loss_bwd(linear_cross_entropy_reference(h, wf, labels, la, lb, 2.0)), [h, la, lb], rep=500)
     _adamw8bit_cases(args.quick)
+    _nf4_cases(args.quick)
     return 0
 
 

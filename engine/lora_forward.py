@@ -47,6 +47,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cpt_studio.kernels.dispatch import use_triton
+from cpt_studio.kernels.nf4_dequant import nf4_dequant
+
 LEAN_LABELS = {"linear": "LoRA Linear (lean fused add)",
                "4bit": "LoRA Linear4bit (fused 4-bit LoRA function)"}
 _DEQUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -159,8 +162,13 @@ def dequantize_4bit_weight(packed: torch.Tensor, quant_state, dtype: torch.dtype
 
     Double quantization (quant_state.nested): the per-block absmax is itself 8-bit, blockwise over
     state2; it is rebuilt in fp32 first (one kernel) and the offset added (one more), as bnb does.
+    NF4 where Triton runs (CUDA; the interpreter in the CPU tests) takes one launch for all of it.
     """
     qs = quant_state
+    if qs.quant_type == "nf4" and packed.dtype == torch.uint8 and use_triton(packed):
+        # one Triton launch instead of bitsandbytes' two (and the offset add): kernels/nf4_dequant.py
+        nested = (qs.state2.absmax, qs.state2.code, qs.state2.blocksize, qs.offset) if qs.nested else None
+        return nf4_dequant(packed, qs.code, qs.absmax, qs.blocksize, qs.shape, dtype, nested)
     absmax = qs.absmax
     if qs.nested:
         s2 = qs.state2

@@ -10,10 +10,13 @@ takes `backend="auto" | "triton" | "torch"` (see dispatch.use_triton):
                                                  chunked lm_head + CE, no [N, V] logits
 - adamw8bit_step(param, grad, state, step=, lr=, ...)
                                                  AdamW step, 8-bit moments, bf16 stochastic rounding
+- nf4_dequant(packed, code, absmax, blocksize, shape, dtype, nested)
+                                                 bitsandbytes' NF4 (double-quant) weight in one launch
 """
 from .adamw8bit import adamw8bit_step, init_adamw8bit_state
 from .dispatch import triton_available, use_triton
 from .fused_linear_cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
+from .nf4_dequant import nf4_dequant, nf4_dequant_reference
 from .rmsnorm import rmsnorm, rmsnorm_reference
 from .rope import apply_rope, rope_reference
 from .swiglu import swiglu, swiglu_reference
@@ -24,6 +27,8 @@ __all__ = [
     "fused_linear_cross_entropy",
     "init_adamw8bit_state",
     "linear_cross_entropy_reference",
+    "nf4_dequant",
+    "nf4_dequant_reference",
     "rmsnorm",
     "rmsnorm_reference",
     "rope_reference",

@@ -1,0 +1,46 @@
+"""NF4 dequantization in one launch: Triton vs the PyTorch reference vs bitsandbytes itself."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpt_studio.kernels.nf4_dequant import nf4_dequant, nf4_dequant_reference
+from kernel_cases import on_devices
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional")   # a test dependency (pyproject)
+
+
+def _quantized(shape, nested, dev, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(shape, generator=gen) * torch.logspace(-2, 0, shape[-1])).to(dev)
+    packed, qs = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                              compress_statistics=nested)
+    extra = ((qs.state2.absmax, qs.state2.code, qs.state2.blocksize, qs.offset) if nested else None)
+    return w, packed, qs, extra
+
+
+@pytest.mark.parametrize("dev,shape,nested,dtype", on_devices(
+    [((6, 64), False, torch.float32), ((192, 128), True, torch.bfloat16),
+     ((37, 320), True, torch.float32)],
+    [((4096, 14336), True, torch.bfloat16), ((1024, 4096), True, torch.bfloat16),
+     ((576, 192), False, torch.float16)]), indirect=["dev"])
+def test_one_launch_equals_bitsandbytes(dev, shape, nested, dtype):
+    _, packed, qs, extra = _quantized(shape, nested, dev)
+    got = nf4_dequant(packed, qs.code, qs.absmax, qs.blocksize, qs.shape, dtype, extra, backend="triton")
+    ref = nf4_dequant_reference(packed, qs.code, qs.absmax, qs.blocksize, qs.shape, dtype, extra)
+    theirs = bnb_functional.dequantize_4bit(packed, qs).to(torch.float32)   # fp32, then rounded
+    assert got.dtype == dtype and got.shape == shape
+    assert torch.equal(ref, theirs.to(dtype))
+    # A fused multiply-add may round the double-quantized scale once instead of twice: at most
+    # one unit in the last place of the output, on few elements.
+    diff = (got.float() - ref.float()).abs()
+    ulp = ref.float().abs() * (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10 if dtype == torch.float16
+                               else 2.0 ** -22)
+    assert (diff <= ulp + 1e-30).all()
+    assert (diff == 0).float().mean() > 0.99
+
+
+def test_a_layout_too_small_for_the_shape_is_refused():
+    _, packed, qs, _ = _quantized((6, 64), False, "cpu")
+    with pytest.raises(ValueError, match="cannot hold a weight of shape"):
+        nf4_dequant(packed, qs.code, qs.absmax, qs.blocksize, (12, 64), torch.float32, None)
