@@ -42,6 +42,12 @@ LABELS = {
     "data.seq_len": "Sequence length",
     "data.eval_fraction": "Eval split fraction",
     "model.trust_remote_code": "Trust remote code",
+    "training.lora_optimizer": "LoRA optimizer",
+    "training.embedding_weights": "Embedding precision",
+    "training.sparse_embedding_grad": "Sparse embed_tokens grad",
+    "training.defer_head_grad": "Defer lm_head grad",
+    "training.stream_in_compute_dtype": "bf16 residual stream",
+    "training.free_frozen_embeddings": "Free frozen originals",
 }
 
 
