@@ -1,13 +1,12 @@
 """NF4 dequantization in one launch: Triton vs the PyTorch reference vs bitsandbytes itself."""
 from __future__ import annotations
 
+import bitsandbytes.functional as bnb_functional   # a dependency (pyproject): no skip without it
 import pytest
 import torch
 
 from cpt_studio.kernels.nf4_dequant import nf4_dequant, nf4_dequant_reference
 from kernel_cases import on_devices
-
-bnb_functional = pytest.importorskip("bitsandbytes.functional")   # a test dependency (pyproject)
 
 
 def _quantized(shape, nested, dev, seed=0):
