@@ -37,7 +37,7 @@ def discover_target_modules(model: nn.Module) -> list[str]:
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """{short name: (in_features, out_features)} of the decoder layers' Linear modules, in order."""
-    skip = {id(m) for m in _embedding_modules(model) if m is not None}
+    skip = {id(m) for m in embedding_modules(model) if m is not None}
     shapes: dict[str, tuple[int, int]] = {}
     for layer in _decoder_layers(model):
         for name, module in layer.named_modules():
@@ -71,7 +71,7 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters())))
 
 
-def _embedding_modules(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+def embedding_modules(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     """(input, output) embedding modules of a model or PeftModel, as currently installed."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     found = []
@@ -138,7 +138,7 @@ def attach_adapters(model: nn.Module, cfg: AdapterConfig, init_from: str = ""):
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    inp, out = _embedding_modules(model)
+    inp, out = embedding_modules(model)
     tied = out is not None and inp is not None and out.weight is inp.weight
     with warnings.catch_warnings():
         # peft warns about tied layers in the adapter; ties are handled here (see TiedLoraHead).
@@ -196,7 +196,7 @@ def _lora_config(model, cfg: AdapterConfig, inp, out, tied: bool, lora_config_cl
 
 def _tie_lora_head(peft_model) -> None:
     """Swap peft's tied lm_head LoRA (separate aliasing tensors, merged twice) for TiedLoraHead."""
-    inp, out = _embedding_modules(peft_model)
+    inp, out = embedding_modules(peft_model)
     if not (hasattr(inp, "lora_embedding_A") and hasattr(out, "lora_A")):
         return
     base = peft_model.get_base_model()
@@ -220,7 +220,7 @@ def _check_adapter_fits(model: nn.Module, folder: Path) -> None:
             shapes = {key: fh.get_slice(key).get_shape() for key in fh.keys()}
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"Adapter {folder} is unreadable ({exc}).", hint) from None
-    inp, out = _embedding_modules(model)
+    inp, out = embedding_modules(model)
     vocab = inp.weight.shape[0]
     names = [_module_name(model, m).rsplit(".", 1)[-1] for m in (inp, out) if m is not None]
     for key, shape in shapes.items():
@@ -240,7 +240,7 @@ def embedding_param_groups(model: nn.Module, learning_rate: float, embedding_lr:
     modules (peft wrappers included: trained copies, LoRA A/B, embedding A/B). A tensor shared by
     tied modules is listed once.
     """
-    emb_ids = {id(p) for m in _embedding_modules(model) if m is not None for p in m.parameters()}
+    emb_ids = {id(p) for m in embedding_modules(model) if m is not None for p in m.parameters()}
     embeddings, other = [], []
     for param in model.parameters():   # yields each shared tensor once
         if param.requires_grad:

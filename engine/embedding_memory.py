@@ -39,6 +39,8 @@ import logging
 import torch
 from torch import nn
 
+from .adapters import embedding_modules
+
 log = logging.getLogger(__name__)
 
 FREED_MESSAGE = ("The frozen original of {name} was freed to save memory while training "
@@ -113,13 +115,8 @@ def trained_copies(model: nn.Module) -> dict[str, nn.Module]:
     """The active fully trained copies (peft modules_to_save) of the input and output embeddings."""
     from peft.utils.other import ModulesToSaveWrapper
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     found: dict[str, nn.Module] = {}
-    for name, getter in (("embed_tokens", "get_input_embeddings"), ("lm_head", "get_output_embeddings")):
-        try:
-            wrapper = getattr(base, getter)()
-        except (AttributeError, NotImplementedError):
-            continue
+    for name, wrapper in zip(("embed_tokens", "lm_head"), embedding_modules(model)):
         if not isinstance(wrapper, ModulesToSaveWrapper) or len(wrapper.active_adapters) != 1:
             continue
         adapter = wrapper.active_adapters[0]
@@ -146,9 +143,7 @@ def use_sparse_embedding_grad(model: nn.Module) -> bool:
     if type(embed) is not nn.Embedding:
         return False
     head_weight = getattr(head, "weight", None)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = base.get_output_embeddings()
-    out_weight = getattr(out, "weight", None)
+    out_weight = getattr(embedding_modules(model)[1], "weight", None)
     if embed.weight is head_weight or embed.weight is out_weight:
         return False
     embed.sparse = True
