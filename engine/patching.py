@@ -10,19 +10,21 @@ What is patched, per module instance (a new `forward` bound on the instance; cla
 transformers are never touched, nothing happens at import time):
 - every RMSNorm of a Llama / Mistral / Qwen2 / Qwen3 model -> kernels.rmsnorm
 - every MLP of those models with a SiLU gate: down(swiglu(gate(x), up(x))); gate/up/down stay
-  the modules they are (LoRA-wrapped or 4-bit), only the activation product is fused
+  the modules they are (LoRA-wrapped or 4-bit), only the activation product is fused; in an
+  offloaded checkpoint's recompute (engine.offload_checkpoint.in_recompute) down_proj runs under
+  lora_forward.value_unused: the MLP output only feeds the layer output, which the recompute
+  never reads, so a fused 4-bit down_proj skips its dequantize and GEMMs there
 - every peft LoRA Linear (nn.Linear or bnb Linear4bit base) with one active adapter, no DoRA, no
   dropout (p=0), not merged -> engine.lora_forward: base(x) then one in-place addmm of the LoRA
   product with the scaling folded in (no clone, no full-size mul/add); a 4-bit base runs the whole
   projection as one autograd function (dequantize, GEMMs, hand-written backward); other LoRA
   layers stay peft's
+- every attention module of those models -> kernels.apply_rope for q and k: a copy of transformers'
+  own attention forward whose globals hold our `apply_rotary_pos_emb` (engine/rope_patch.py); a
+  forward it cannot take is left as it is, with a note why
 - the loss: `patch.loss` runs the decoder body, then the chunked fused lm_head + cross-entropy
   with the head's weight: a plain Linear, peft's modules_to_save copy (fully trained), a peft
   lora.Linear on a frozen weight, or the tied-embedding LoRA head of engine.adapters.
-RoPE is not patched: transformers calls `apply_rotary_pos_emb`, a module-level function, from
-inside each attention forward, so the only per-instance hook is a copy of the whole attention
-forward (cache, sliding windows, q/k norms differ per architecture and version); the kernel
-(kernels.apply_rope) is tested and ready for the day that hook exists.
 """
 from __future__ import annotations
 
@@ -41,8 +43,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _CLASS_PREFIXES = ("Llama", "Mistral", "Qwen2", "Qwen3")
 _SILU_CLASSES = ("SiLU", "SiLUActivation")
 _MARK = "__cpt_kernel__"  # set on our bound forwards, to refuse patching twice
-ROPE_NOT_PATCHED = ("RoPE: not patched (transformers applies it inside the attention forward; "
-                    "no per-instance hook)")
 
 
 @dataclass
@@ -115,6 +115,9 @@ def apply_kernels(model: nn.Module, enabled: bool = True, backend: str = "auto",
         return patch
     from cpt_studio.kernels import rmsnorm, swiglu, triton_available  # lazy: no import-time cost
 
+    from .lora_forward import value_unused
+    from .offload_checkpoint import in_recompute
+
     causal_lm = _causal_lm(model)
     model_type = getattr(getattr(causal_lm, "config", None), "model_type", "")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -128,7 +131,11 @@ def apply_kernels(model: nn.Module, enabled: bool = True, backend: str = "auto",
         return rmsnorm(hidden_states, self.weight, self.variance_epsilon, backend=backend)
 
     def mlp_forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
+        product = swiglu(self.gate_proj(x), self.up_proj(x), backend=backend)
+        if in_recompute():   # the layer's output only carries the gradient back: no down GEMM
+            with value_unused():
+                return self.down_proj(product)
+        return self.down_proj(product)
 
     for module in model.modules():
         name = type(module).__name__
@@ -139,8 +146,8 @@ def apply_kernels(model: nn.Module, enabled: bool = True, backend: str = "auto",
         elif name.endswith("MLP") and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
             if type(getattr(module, "act_fn", None)).__name__ in _SILU_CLASSES:
                 _bind(patch, module, mlp_forward, f"SwiGLU MLP ({impl})")
+    _patch_rope(patch, model, backend, f"RoPE ({impl})")
     _patch_lora_layers(patch, model)
-    patch.notes.append(ROPE_NOT_PATCHED)
     try:
         head = resolve_lm_head(causal_lm)
         patch.fused_loss = True
@@ -149,6 +156,18 @@ def apply_kernels(model: nn.Module, enabled: bool = True, backend: str = "auto",
         patch.notes.append(f"lm_head + cross-entropy: not fused ({exc})")
     log.info("kernels: %s", "; ".join(patch.summary()))
     return patch
+
+
+def _patch_rope(patch: KernelPatch, model: nn.Module, backend: str, label: str) -> None:
+    """Binds on every attention module a copy of its class's forward that runs kernels.apply_rope
+    (engine/rope_patch.py); modules whose forward cannot take it are counted in a note."""
+    from .rope_patch import rope_forwards
+
+    forwards, left = rope_forwards(model, _CLASS_PREFIXES, backend)
+    for module, forward in forwards:
+        _bind(patch, module, forward, label)
+    for reason, n in left.items():
+        patch.notes.append(f"RoPE left as transformers': {n} attention modules ({reason})")
 
 
 def _patch_lora_layers(patch: KernelPatch, model: nn.Module) -> None:

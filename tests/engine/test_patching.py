@@ -100,8 +100,8 @@ def test_revert_restores_the_exact_original_outputs():
     with torch.no_grad():
         before = model(input_ids=ids).logits
     patch = apply_kernels(model, enabled=True)
-    # 2 norms per layer + final norm + 2 MLPs + 7 LoRA Linears per layer
-    assert sum(patch.counts.values()) == 2 * 2 + 1 + 2 + 2 * 7
+    # 2 norms per layer + final norm + 2 MLPs + 2 attentions' RoPE + 7 LoRA Linears per layer
+    assert sum(patch.counts.values()) == 2 * 2 + 1 + 2 + 2 + 2 * 7
     with pytest.raises(RuntimeError, match="already applied"):
         apply_kernels(model, enabled=True)
     patch.revert()
@@ -117,7 +117,8 @@ def test_summary_and_disabled_patch():
     patch = apply_kernels(model, enabled=True)
     text = "\n".join(patch.summary())
     patch.revert()
-    assert "RMSNorm" in text and "SwiGLU MLP" in text and "RoPE: not patched" in text
+    assert "RMSNorm" in text and "SwiGLU MLP" in text and _rope_line(2) in text
+    assert "RoPE left as transformers'" not in text
     assert "LoRA on frozen weight" in text
     off = apply_kernels(model, enabled=False)
     assert off.summary() == ["kernels off: transformers' own forward and loss"]
@@ -303,3 +304,258 @@ def test_deferred_head_grad_gives_the_same_loss_and_gradients(head, embed_traine
     assert any("lm_head" in n for n in grads)
     for name in grads:
         assert torch.equal(grads[name], grads_d[name]), name
+
+
+# --- RoPE: kernels.apply_rope inside transformers' attention forward -------------------------------
+
+ROPE_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _rope_line(n_modules):
+    from cpt_studio.kernels import triton_available
+
+    return f"RoPE ({'Triton' if triton_available() else 'PyTorch'}): {n_modules} modules"
+
+
+def _rope_model(arch, checkpointing=True):
+    """A tiny random causal LM (hidden 64, 4 heads of 16, 2 kv heads), in training mode."""
+    import transformers
+
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    config = getattr(transformers, f"{names}Config")(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, eos_token_id=0, pad_token_id=1, bos_token_id=None)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{names}ForCausalLM")(config)
+    if checkpointing:  # the recompute runs the patched forward again (training_setup's setting)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def _rope_ids(seq=12):
+    return torch.randint(0, 100, (2, seq), generator=torch.Generator().manual_seed(1))
+
+
+def _logits_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _count_rope_launches(monkeypatch):
+    """Counts the Triton RoPE forward launches (the recompute's included)."""
+    from cpt_studio.kernels import rope
+
+    launches = []
+    forward = rope.rope_forward
+    monkeypatch.setattr(rope, "rope_forward", lambda *a: (launches.append(1), forward(*a))[1])
+    return launches
+
+
+def _rope_only_patch(model):
+    """Only RoPE patched, to compare against transformers' attention alone."""
+    from cpt_studio.engine.patching import KernelPatch, _patch_rope
+
+    patch = KernelPatch(enabled=True)
+    _patch_rope(patch, model, "auto", "RoPE")
+    assert patch.counts == {"RoPE": model.config.num_hidden_layers}
+    return patch
+
+
+@pytest.mark.parametrize("dev", _devices())
+@pytest.mark.parametrize("arch", ROPE_ARCHS)
+def test_rope_kernel_in_each_attention_gives_the_same_logits_and_gradients(arch, dev, monkeypatch):
+    """fp32, non-reentrant checkpointing: transformers' attention with its RoPE vs with ours."""
+    from cpt_studio.kernels.dispatch import TRITON_INTERPRETED
+
+    model = _rope_model(arch).to(dev)
+    ids = _rope_ids().to(dev)
+    ref_logits, ref = _logits_and_grads(model, ids)
+    launches = _count_rope_launches(monkeypatch)
+    patch = apply_kernels(model, enabled=True)
+    try:
+        assert _rope_line(model.config.num_hidden_layers) in patch.summary()
+        assert not any(line.startswith("RoPE left") for line in patch.summary())
+        logits, got = _logits_and_grads(model, ids)
+    finally:
+        patch.revert()
+    if TRITON_INTERPRETED or dev == "cuda":  # forward + recompute, per layer
+        assert len(launches) == 2 * model.config.num_hidden_layers
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rope_revert_restores_transformers_forward_bit_for_bit():
+    import inspect
+
+    from transformers.models.llama import modeling_llama
+
+    model = _rope_model("llama", checkpointing=False).eval()
+    ids = _rope_ids()
+    attention = [m for m in model.modules() if isinstance(m, modeling_llama.LlamaAttention)]
+    original = modeling_llama.apply_rotary_pos_emb
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    patch = apply_kernels(model, enabled=True)
+    assert all(getattr(m.__dict__.get("forward"), "__func__", None) is not None for m in attention)
+    assert modeling_llama.apply_rotary_pos_emb is original  # the modeling module is not touched
+    unwrapped = inspect.unwrap(modeling_llama.LlamaAttention.forward)
+    assert unwrapped.__globals__["apply_rotary_pos_emb"] is original
+    patch.revert()
+    assert not any("forward" in m.__dict__ for m in attention)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_rope_keeps_transformers_decorators_on_forward():
+    """transformers' deprecate_kwarg on forward still maps past_key_values to cache on the copy."""
+    import warnings
+
+    from transformers.models.llama import modeling_llama
+
+    if not hasattr(modeling_llama.LlamaAttention.forward, "__wrapped__"):
+        pytest.skip("this transformers does not decorate the attention forward")
+    model = _rope_model("llama", checkpointing=False)
+    patch = apply_kernels(model, enabled=True)
+    try:
+        attention = model.model.layers[0].self_attn
+        x = torch.randn(1, 5, 64)
+        rotary = model.model.rotary_emb(x, torch.arange(5)[None])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, _ = attention(x, position_embeddings=rotary, attention_mask=None, past_key_values=None)
+    finally:
+        patch.revert()
+    assert any("past_key_values" in str(w.message) for w in caught)
+    with torch.no_grad():
+        torch.testing.assert_close(out, attention(x, position_embeddings=rotary, attention_mask=None)[0])
+
+
+def test_an_attention_whose_forward_has_no_rope_global_is_left_with_a_note():
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    class LlamaCustomAttention(LlamaAttention):
+        def forward(self, *args, **kwargs):  # this module's globals hold no apply_rotary_pos_emb
+            return super().forward(*args, **kwargs)
+
+    model = _rope_model("llama", checkpointing=False)
+    custom = model.model.layers[1].self_attn
+    custom.__class__ = LlamaCustomAttention
+    ids = _rope_ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    patch = apply_kernels(model, enabled=True)
+    try:
+        assert "forward" not in custom.__dict__
+        assert _rope_line(1) in patch.summary()
+        note = next(line for line in patch.summary() if line.startswith("RoPE left"))
+        assert note.startswith("RoPE left as transformers': 1 attention modules (")
+        assert "LlamaCustomAttention" in note and "apply_rotary_pos_emb" in note
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    finally:
+        patch.revert()
+
+
+def test_an_unknown_rope_signature_is_left_with_a_note(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", lambda q, k, cos, sin, scale: (q, k))
+    model = _rope_model("llama", checkpointing=False)
+    patch = apply_kernels(model, enabled=True)
+    try:
+        assert not any(line.startswith("RoPE (") for line in patch.summary())
+        assert ("RoPE left as transformers': 2 attention modules (apply_rotary_pos_emb(q, k, cos, sin, "
+                "scale) has parameters the kernel does not take)") in patch.summary()
+    finally:
+        patch.revert()
+
+
+@pytest.mark.parametrize("q_dtype,cos_dtype", [
+    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)])
+def test_rope_stand_in_gives_transformers_dtypes_under_bf16_autocast(q_dtype, cos_dtype):
+    """transformers' q * cos promotes: bf16 q with fp32 cos/sin (an fp32 stream) gives fp32 q, k."""
+    from transformers.models.llama import modeling_llama
+
+    from cpt_studio.engine.rope_patch import _rope_stand_in
+
+    theirs = modeling_llama.apply_rotary_pos_emb
+    ours = _rope_stand_in(theirs, "auto")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 4, 16, generator=g).to(q_dtype).transpose(1, 2)  # [B, H, S, D] views
+    k = torch.randn(2, 5, 2, 16, generator=g).to(q_dtype).transpose(1, 2)
+    angles = torch.randn(2, 5, 8, generator=g).repeat(1, 1, 2)
+    cos, sin = angles.cos().to(cos_dtype), angles.sin().to(cos_dtype)
+    dq, dk = torch.randn(q.shape, generator=g), torch.randn(k.shape, generator=g)
+    results = []
+    for fn in (theirs, ours):
+        q_in, k_in = q.detach().requires_grad_(), k.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q_out, k_out = fn(q_in, k_in, cos, sin)
+        ((q_out.float() * dq).sum() + (k_out.float() * dk).sum()).backward()
+        results.append((q_out, k_out, q_in.grad, k_in.grad))
+    for want, got in zip(*results):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        # transformers rounds each bf16 op (and each bf16 gradient term), the kernel once
+        tol = dict(rtol=1e-5, atol=1e-5) if got.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("bf16_stream", [False, True])
+def test_rope_kernel_under_bf16_autocast_and_checkpointing(bf16_stream):
+    """The GPU setting on CPU: bf16 autocast, non-reentrant checkpointing, the residual stream fp32
+    or cast to bf16 (engine.embedding_memory, training.stream_in_compute_dtype)."""
+    from cpt_studio.engine.embedding_memory import keep_stream_in_compute_dtype
+
+    model = _rope_model("llama")
+    if bf16_stream:
+        keep_stream_in_compute_dtype(model)
+    ids = _rope_ids()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref = run()
+    patch = _rope_only_patch(model)
+    try:
+        loss, got = run()
+    finally:
+        patch.revert()
+    # The gradients of the bf16 q and k are rounded per term by transformers, once by the kernel:
+    # compared as a whole (relative norm of the difference), as tests/kernels do.
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-3 if bf16_stream else 1e-6, atol=0)
+    for name in ref:
+        assert (got[name] - ref[name]).norm() <= 2e-2 * ref[name].norm(), name
+
+
+def _rope_with_position_ids(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    """The signature some transformers versions have (position_ids deprecated and unused)."""
+
+
+def _rope_indexing_cos(q, k, cos, sin, position_ids, unsqueeze_dim=1):
+    """Old transformers: cos[position_ids]; the kernel cannot stand in."""
+
+
+def test_rope_stand_in_follows_the_original_parameters():
+    from cpt_studio.engine.rope_patch import NoRopeHook, _rope_stand_in
+    from cpt_studio.kernels import rope_reference
+
+    ours = _rope_stand_in(_rope_with_position_ids, "auto")
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 5, 4, 16, generator=g), torch.randn(2, 5, 2, 16, generator=g)  # [B, S, H, D]
+    angles = torch.randn(1, 5, 8, generator=g).repeat(1, 1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    got = ours(q, k, cos, sin, None, 2)  # positional, as the original's parameters say
+    for rotated, want in zip(got, rope_reference(q, k, cos, sin, unsqueeze_dim=2)):
+        torch.testing.assert_close(rotated, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError):
+        ours(q, k, cos, sin, scale=2)
+    with pytest.raises(NoRopeHook, match="has parameters the kernel does not take"):
+        _rope_stand_in(_rope_indexing_cos, "auto")
