@@ -44,6 +44,9 @@ trainable gradient against peft's forward.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 from torch import nn
 
@@ -53,6 +56,25 @@ from cpt_studio.kernels.nf4_dequant import nf4_dequant
 LEAN_LABELS = {"linear": "LoRA Linear (lean fused add)",
                "4bit": "LoRA Linear4bit (fused 4-bit LoRA function)"}
 _DEQUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_local = threading.local()   # .value_unused: set by value_unused() around one call
+
+
+@contextlib.contextmanager
+def value_unused():
+    """The fused 4-bit LoRA projection called inside returns a placeholder instead of its value.
+
+    Only for a call whose output is backpropagated through but never read: the MLP's down_proj in
+    an offloaded checkpoint's recompute (engine.patching), where the layer's output only carries
+    the gradient. The function still saves x and x A^T for its backward, which needs no output,
+    so the base GEMM, the LoRA B GEMM and the weight's dequantization are skipped (a quarter
+    of a Llama layer's recompute GEMM FLOPs). Other layer kinds ignore it and compute as usual.
+    """
+    previous = getattr(_local, "value_unused", False)
+    _local.value_unused = True
+    try:
+        yield
+    finally:
+        _local.value_unused = previous
 
 
 def _lora_classes():
@@ -113,7 +135,8 @@ def make_lean_forward(module: nn.Module, name: str, fallback):
         dt = _fused_compute_dtype(base, x, a)
         if dt is None or qs is None or (bias is not None and bias.requires_grad):
             return lean(self, x)  # qs lost (e.g. by FSDP): Linear4bit.forward restores it
-        return LoRA4bitLinearFunction.apply(x, weight.data, qs, bias, a, b, self.scaling[name], dt)
+        return LoRA4bitLinearFunction.apply(x, weight.data, qs, bias, a, b, self.scaling[name], dt,
+                                            getattr(_local, "value_unused", False))
 
     return lora_4bit_fused_forward
 
@@ -200,16 +223,25 @@ class LoRA4bitLinearFunction(torch.autograd.Function):
 
     Args of apply: x [..., in]; packed (the 4-bit weight's data) and its quant_state; bias [out] or
     None (frozen); lora_A [r, in], lora_B [out, r] (the trained weights, any float dtype); scaling;
-    dtype, the compute dtype. Returns [..., out] in x's dtype. x is flattened to [N, in] inside,
+    dtype, the compute dtype; skip_value (default False: see value_unused): return zeros
+    broadcast to [..., out] (not writable) and compute only what the backward saves. Returns [..., out]
+    in x's dtype. x is flattened to [N, in] inside,
     so the flatten and the un-flatten add no autograd nodes. The backward math is in the module
     docstring. The body needs no autocast handling: every GEMM operand is cast to dtype first, so
     autocast (whose dtype is dtype when it is on) has nothing left to cast.
     """
 
     @staticmethod
-    def forward(ctx, x, packed, quant_state, bias, lora_A, lora_B, scaling, dtype):
+    def forward(ctx, x, packed, quant_state, bias, lora_A, lora_B, scaling, dtype, skip_value=False):
         lead = x.shape[:-1]
         xc = x.reshape(-1, x.shape[-1]).to(dtype)                         # [N, in]
+        ctx.packed, ctx.quant_state, ctx.scaling = packed, quant_state, scaling
+        ctx.dtypes, ctx.x_shape = (x.dtype, lora_A.dtype, lora_B.dtype), x.shape
+        if skip_value:
+            a, b = lora_A.to(dtype), lora_B.to(dtype)
+            ctx.save_for_backward(xc, torch.mm(xc, a.t()), a, b)
+            # a zero broadcast to the output's shape: no allocation (the residual add makes one)
+            return x.new_zeros(()).expand(*lead, quant_state.shape[0])
         w = dequantize_4bit_weight(packed, quant_state, dtype)            # [out, in]
         # y is made in its final shape and written through a 2-D view: returned as a view, it could
         # not be modified in place downstream (autograd forbids that for custom-function views)
@@ -224,8 +256,6 @@ class LoRA4bitLinearFunction(torch.autograd.Function):
         h = torch.mm(xc, a.t())                                           # [N, r]
         y2.addmm_(h, b.t(), alpha=scaling)
         ctx.save_for_backward(xc, h, a, b)
-        ctx.packed, ctx.quant_state, ctx.scaling = packed, quant_state, scaling
-        ctx.dtypes, ctx.x_shape = (x.dtype, lora_A.dtype, lora_B.dtype), x.shape
         return y.to(x.dtype)
 
     @staticmethod
@@ -253,4 +283,4 @@ def _lora_4bit_backward(ctx, dout):
         da = _scaled_product(t.t(), xc, s, a_dtype)                        # [r, in]
     if need_b:
         db = _scaled_product(dout.t(), h, s, b_dtype)                      # [out, r]
-    return dx, None, None, None, da, db, None, None
+    return dx, None, None, None, da, db, None, None, None

@@ -246,6 +246,71 @@ def test_4bit_base_lora_gradients_match(quant_model_dir):
     _assert_same(ref, got)
 
 
+def test_4bit_kernel_patch_skips_the_down_projection_value_in_the_recompute(quant_model_dir,
+                                                                             monkeypatch):
+    """The fused 4-bit LoRA function: in the offloaded recompute the MLP's down_proj only saves what
+    its backward needs (no dequantize, no GEMM for a value nobody reads); gradients stay bitwise."""
+    from cpt_studio.engine import lora_forward
+    from cpt_studio.engine.adapters import attach_adapters
+    from cpt_studio.engine.config import AdapterConfig
+    from cpt_studio.engine.model_loading import load_base_model
+    from cpt_studio.engine.model_source import ResolvedModel
+    from cpt_studio.engine.patching import apply_kernels
+
+    base, _ = load_base_model(ResolvedModel("hf_folder", str(quant_model_dir), "", "q"), "4bit", "cpu")
+    model = attach_adapters(base, AdapterConfig(r=4, embed_tokens="off", lm_head="off"))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(0.0, 0.1)
+    _checkpointed(model)
+    patch = apply_kernels(model, True)
+    assert patch.counts.get(lora_forward.LEAN_LABELS["4bit"]) == 7 * model.config.num_hidden_layers
+    calls = []
+    dequantize = lora_forward.dequantize_4bit_weight
+    monkeypatch.setattr(lora_forward, "dequantize_4bit_weight",
+                        lambda *a, **k: calls.append(1) or dequantize(*a, **k))
+    ids = _ids(vocab=384)
+    try:
+        ref = _loss_and_grads(model, lambda: patch.loss(model, ids, ids))
+        plain_calls = len(calls)
+        assert enable_offloaded_checkpointing(model) == model.config.num_hidden_layers
+        calls.clear()
+        got = _loss_and_grads(model, lambda: patch.loss(model, ids, ids))
+    finally:
+        patch.revert()
+    layers = model.config.num_hidden_layers
+    assert plain_calls == 3 * 7 * layers            # forward, recompute, backward's dx
+    assert len(calls) == 3 * 7 * layers - layers    # no down_proj weight in the recompute
+    assert got[1] and all(g.abs().max() > 0 for g in got[1].values())
+    _assert_same(ref, got)
+
+
+def test_each_layer_prefetches_the_input_of_the_layer_before_it(monkeypatch):
+    """Backward of layer i starts the copy back of layer i-1's input; two forwards in a row (two
+    micro-batches) keep separate chains, and gradients stay bitwise."""
+    from cpt_studio.engine import offload_checkpoint
+
+    prefetched = []
+    original = offload_checkpoint._HostCopy.prefetch
+    monkeypatch.setattr(offload_checkpoint._HostCopy, "prefetch",
+                        lambda self, device: prefetched.append(id(self)) or original(self, device))
+    model = _peft_model("llama")
+    layers = model.config.num_hidden_layers
+    a, b = _ids(), _ids(seq=12)
+
+    def two_micro_batches():
+        return model(input_ids=a, labels=a).loss + model(input_ids=b, labels=b).loss
+
+    ref = _loss_and_grads(model, two_micro_batches)
+    assert enable_offloaded_checkpointing(model) == layers
+    got = _loss_and_grads(model, two_micro_batches)
+    assert offload_stats(model).calls == 2 * layers
+    assert len(prefetched) == 2 * (layers - 1) and len(set(prefetched)) == len(prefetched)
+    _assert_same(ref, got)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("embed", ["trained", "frozen"])
 def test_cuda_memory_after_forward_drops_by_the_offloaded_bytes(embed):
