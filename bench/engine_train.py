@@ -46,6 +46,7 @@ def run_config(args, batch: int, seq: int, device: torch.device):
     t.lora_optimizer = args.lora_optimizer
     t.sparse_embedding_grad = not args.dense_embedding_grad
     t.offload_checkpoints = args.offload_checkpoints
+    t.defer_head_grad = not args.eager_head_grad
     t.stream_in_compute_dtype = not args.fp32_stream
     t.free_frozen_embeddings = not args.keep_frozen_embeddings
     problems = validate(cfg)
@@ -89,6 +90,8 @@ def main() -> None:
                         help="training.lora_optimizer")
     parser.add_argument("--dense-embedding-grad", action="store_true",
                         help="training.sparse_embedding_grad off")
+    parser.add_argument("--eager-head-grad", action="store_true",
+                        help="training.defer_head_grad off (lm_head's dW in the loss's forward)")
     parser.add_argument("--offload-checkpoints", choices=("auto", "on", "off"), default="auto",
                         help="training.offload_checkpoints")
     parser.add_argument("--fp32-stream", action="store_true",

@@ -43,7 +43,7 @@ SCRIPT = Path(__file__).resolve()
 
 # Display order of the categories.
 CATEGORIES = [
-    "4-bit dequantize (bnb NF4)",
+    "4-bit dequantize (NF4)",
     "GEMM: base projections (bf16)",
     "GEMM: LoRA (r=16)",
     "attention (SDPA)",
@@ -252,8 +252,9 @@ def classify(name: str, op: Ev | None, chain: list[str], vocab: int, rank: int, 
         return "optimizer step (AdamW fused + bnb 8-bit)"
     if "bench/clip_grad_norm" in ch:
         return "grad-norm clip"
-    if "dequantize" in low or "kdequantize" in low or "dequantize_4bit" in ch:
-        return "4-bit dequantize (bnb NF4)"
+    if ("dequantize" in low or "_nf4_dequant" in low or "dequantize_4bit" in ch
+            or "nf4_dequant" in ch):
+        return "4-bit dequantize (NF4)"
     if "_rmsnorm" in low or "rmsnorm" in low:
         return "RMSNorm (Triton)"
     if "_swiglu" in low or "swiglu" in low:
@@ -510,7 +511,7 @@ def main() -> None:
     args.steps = args.warm_steps + args.profile_steps
     args.embedding_optimizer, args.fp32_stream, args.keep_frozen_embeddings = "auto", False, False
     args.embedding_weights, args.dense_embedding_grad, args.offload_checkpoints = "auto", False, "auto"
-    args.lora_optimizer = "adamw"
+    args.lora_optimizer, args.eager_head_grad = "adamw", False
     args.upcast_trainable = False
     if args.analyse:   # redo the tables from a kept trace: --analyse T.json.gz --shape p1
         trace = json.loads(gzip.decompress(Path(args.analyse).read_bytes()))
