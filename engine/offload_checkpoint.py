@@ -220,19 +220,23 @@ class _HostCopy:
         """Start the host-to-device copy on the side stream (CUDA; once; no-op once fetched)."""
         if self.host is None or self.event is None or self.device_copy is not None:
             return
-        side = _side_stream(device)
+        compute, side = torch.cuda.current_stream(device), _side_stream(device)
+        # Allocated from the compute stream's pool (a side-stream allocation kept its own pool:
+        # +1.26 GiB reserved on P1), so the side stream first waits for the compute stream's work
+        # queued so far: the block may have been freed by a kernel still running there.
+        self.device_copy = torch.empty(self.host.shape, dtype=self.host.dtype, device=device)
+        side.wait_stream(compute)
         side.wait_event(self.event)
         with torch.cuda.stream(side):
-            self.device_copy = self.host.to(device, non_blocking=True)
+            self.device_copy.copy_(self.host, non_blocking=True)
+        self.device_copy.record_stream(side)
         self.device_event = torch.cuda.Event()
         self.device_event.record(side)
 
     def fetch(self, device: torch.device) -> torch.Tensor:
         if self.device_copy is not None:
-            stream = torch.cuda.current_stream(device)
-            stream.wait_event(self.device_event)
+            torch.cuda.current_stream(device).wait_event(self.device_event)
             hidden = self.device_copy
-            hidden.record_stream(stream)   # made on the side stream, freed after use on this one
         else:
             if self.event is not None:
                 torch.cuda.current_stream(device).wait_event(self.event)
