@@ -28,7 +28,8 @@ tell a 24 GB card from an 80 GB one, not to predict the allocator's peak. Terms 
   `8 * hidden + 2 * kv_dim + 4 * intermediate` values (norm outputs, q/k/v, attention output,
   residuals, gate/up, activation, product) -> x batch x seq x layers. With gradient checkpointing
   only each layer's input (hidden values) is kept, plus one layer's full set during recompute;
-  with `offload_checkpoints` (auto on a GPU) those inputs sit in CPU memory instead.
+  with `offload_checkpoints` (auto on a GPU) those inputs sit in CPU memory instead, but for the
+  one prefetched back during the layer above's backward.
 - logits: batch x seq x vocab x 4 B (fp32 for the loss), x2 for their gradient; with kernels on,
   the fused loss holds one chunk of at most 2048 rows in bf16 (and its gradient).
 - CUDA context and allocator slack: a flat 500 MB.
@@ -182,8 +183,9 @@ def estimate_vram(info: Any, cfg: RunConfig) -> VramEstimate:
     per_layer = (ACT_HIDDEN * shape["hidden"] + ACT_KV * shape["kv"]
                  + ACT_INTERMEDIATE * shape["intermediate"])
     if cfg.training.gradient_checkpointing:
-        # Each layer's input is kept for the recompute, in CPU memory when offloaded (auto on a GPU).
-        kept = 0 if cfg.training.offload_checkpoints in ("auto", "on") else shape["layers"]
+        # Each layer's input is kept for the recompute, in CPU memory when offloaded (auto on a GPU);
+        # there the next layer's input comes back during a layer's backward (prefetch): one input.
+        kept = 1 if cfg.training.offload_checkpoints in ("auto", "on") else shape["layers"]
         per_token = shape["hidden"] * kept + per_layer
     else:
         per_token = per_layer * shape["layers"]
