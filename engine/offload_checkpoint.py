@@ -118,9 +118,10 @@ class _ForwardChain:
         self.last_copy = None   # weakref to a _HostCopy: a dropped graph frees its copies
 
     def link(self, index: int) -> "_HostCopy | None":
-        previous = self.last_copy() if (self.last_copy is not None
-                                        and self.last_index == index - 1) else None
-        return previous
+        """The copy of the layer just before `index` in this forward, if it is still alive."""
+        if self.last_copy is None or self.last_index != index - 1:
+            return None
+        return self.last_copy()
 
     def record(self, index: int, copy: "_HostCopy") -> None:
         self.last_index, self.last_copy = index, weakref.ref(copy)
