@@ -124,31 +124,46 @@ def make_lean_forward(module: nn.Module, name: str, fallback):
         return lean
 
     def lora_4bit_fused_forward(self, x, *args, **kwargs):
-        if _falls_back(self, name, args, kwargs):
+        if falls_back(self, name, args, kwargs):
             return fallback(x, *args, **kwargs)
-        base = self.base_layer
-        weight, bias = base.weight, base.bias
-        qs = getattr(weight, "quant_state", None)
+        qs = getattr(self.base_layer.weight, "quant_state", None)
         if qs is not None and getattr(qs, "packing_format_for_cpu", False):
             return fallback(x)  # repacked for bnb's CPU inference kernel: bnb's own path only
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        dt = _fused_compute_dtype(base, x, a)
-        if dt is None or qs is None or (bias is not None and bias.requires_grad):
+        call = fused_4bit_call(self, name, x)
+        if call is None:
             return lean(self, x)  # qs lost (e.g. by FSDP): Linear4bit.forward restores it
-        return LoRA4bitLinearFunction.apply(x, weight.data, qs, bias, a, b, self.scaling[name], dt,
-                                            getattr(_local, "value_unused", False))
+        return LoRA4bitLinearFunction.apply(x, *call, getattr(_local, "value_unused", False))
 
+    lora_4bit_fused_forward.adapter_name = name   # engine.lora_mlp finds the fused layers by it
     return lora_4bit_fused_forward
 
 
-def _falls_back(self, name: str, args, kwargs) -> bool:
+def fused_4bit_call(self, name: str, x: torch.Tensor):
+    """(packed, quant_state, bias, lora_A, lora_B, scaling, dtype), LoRA4bitLinearFunction's
+    arguments after x for this call of a 4-bit LoRA layer, or None when it must take another path:
+    no quant_state, a repacked CPU weight, a trained bias, or no usable compute dtype."""
+    base = self.base_layer
+    weight, bias = base.weight, base.bias
+    qs = getattr(weight, "quant_state", None)
+    if qs is None or getattr(qs, "packing_format_for_cpu", False) or (
+            bias is not None and bias.requires_grad):
+        return None
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    dt = _fused_compute_dtype(base, x, a)
+    if dt is None:
+        return None
+    return weight.data, qs, bias, a, b, self.scaling[name], dt
+
+
+def falls_back(self, name: str, args, kwargs) -> bool:
+    """True when peft's own forward must run (adapters off, merged, switched, extra arguments...)."""
     return bool(args or kwargs or self.disable_adapters or self.merged or self.active_adapters != [name]
                 or name not in self.lora_A or type(self.lora_dropout[name]) is not nn.Identity)
 
 
 def _make_lean_forward(name: str, fallback):
     def lora_lean_forward(self, x, *args, **kwargs):
-        if _falls_back(self, name, args, kwargs):
+        if falls_back(self, name, args, kwargs):
             return fallback(x, *args, **kwargs)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
@@ -260,11 +275,17 @@ class LoRA4bitLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        dev = dout.device.type
-        if torch.is_autocast_enabled(dev):  # backward() called inside an autocast region
-            with torch.autocast(dev, enabled=False):
-                return _lora_4bit_backward(ctx, dout)
-        return _lora_4bit_backward(ctx, dout)
+        return without_autocast(_lora_4bit_backward, ctx, dout)
+
+
+def without_autocast(backward, ctx, grad):
+    """backward(ctx, grad) with autocast off on grad's device: backward() may be called inside an
+    autocast region, and these hand-written backwards cast every GEMM operand themselves."""
+    dev = grad.device.type
+    if torch.is_autocast_enabled(dev):
+        with torch.autocast(dev, enabled=False):
+            return backward(ctx, grad)
+    return backward(ctx, grad)
 
 
 def _lora_4bit_backward(ctx, dout):

@@ -152,17 +152,22 @@ def _ids(device="cpu", seed=0):
     return torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def _fused_nodes(loss):
-    """How many LoRA4bitLinearFunction nodes the loss's graph holds (the fused path was taken)."""
+def graph_nodes(loss, name: str) -> int:
+    """How many nodes of type `name` the loss's autograd graph holds."""
     seen, stack, count = set(), [loss.grad_fn], 0
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        count += type(node).__name__ == "LoRA4bitLinearFunctionBackward"
+        count += type(node).__name__ == name
         stack.extend(n for n, _ in node.next_functions)
     return count
+
+
+def _fused_nodes(loss):
+    """How many LoRA4bitLinearFunction nodes the loss's graph holds (the fused path was taken)."""
+    return graph_nodes(loss, "LoRA4bitLinearFunctionBackward")
 
 
 def _step(model, ids, autocast=False, device="cpu"):
