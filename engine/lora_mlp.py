@@ -16,9 +16,15 @@ Saved: x, the base outputs yg, yu, the LoRA activations hg, hu and the cast LoRA
 same bytes as the unfused path (which keeps g and u), never W. The weights are dequantized one
 at a time, as the unfused backward does.
 
-Used when both projections would run engine.lora_forward's fused 4-bit function in this call
-(the same checks: one adapter, no dropout, a quant_state, no trained bias, one compute dtype)
-and Triton runs (kernels.dispatch.use_triton); otherwise the caller takes the unfused path.
+Used when ENABLED is set, both projections would run engine.lora_forward's fused 4-bit function
+in this call (the same checks: one adapter, no dropout, a quant_state, no trained bias, one compute
+dtype) and Triton runs (kernels.dispatch.use_triton); otherwise the caller takes the unfused path.
+
+ENABLED is False: measured once on an H200 (bench/RESULTS.md, session 7, fifth call), a P1 step
+with it took 400-430 ms (median 411) where the unfused path had taken 381-396 in the calls
+before; the A/B in one call did not fit the device time left. Until a profile shows where the
+time goes (the 2-D tile kernel against the 1-D SwiGLU), training uses the unfused path;
+`bench/engine_train.py --fused-gate-up` turns it on for that measurement.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ from cpt_studio.kernels.lora_swiglu import lora_swiglu_backward, lora_swiglu_for
 
 from . import lora_forward
 from .lora_forward import _scaled_product, falls_back, fused_4bit_call, without_autocast
+
+ENABLED = False   # see the module docstring
 
 
 def _fused_call(module: nn.Module, x: torch.Tensor):
@@ -44,7 +52,7 @@ def _fused_call(module: nn.Module, x: torch.Tensor):
 def gate_up_swiglu(gate_proj: nn.Module, up_proj: nn.Module, x: torch.Tensor,
                    backend: str = "auto") -> torch.Tensor | None:
     """silu(gate_proj(x)) * up_proj(x) through GateUpSwiGLU4bitFunction, or None when it does not apply."""
-    if not use_triton(x, backend):
+    if not ENABLED or not use_triton(x, backend):
         return None
     gate, up = _fused_call(gate_proj, x), _fused_call(up_proj, x)
     if gate is None or up is None or gate[2] is not None or up[2] is not None or gate[6] != up[6]:

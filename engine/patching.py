@@ -10,9 +10,8 @@ What is patched, per module instance (a new `forward` bound on the instance; cla
 transformers are never touched, nothing happens at import time):
 - every RMSNorm of a Llama / Mistral / Qwen2 / Qwen3 model -> kernels.rmsnorm
 - every MLP of those models with a SiLU gate: down(swiglu(gate(x), up(x))); gate/up/down stay
-  the modules they are (LoRA-wrapped or 4-bit), only the activation product is fused; when
-  gate and up are both fused 4-bit LoRA layers, they and the product run as one function whose
-  kernel adds their LoRA terms per tile (engine.lora_mlp); in an
+  the modules they are (LoRA-wrapped or 4-bit), only the activation product is fused (with
+  engine.lora_mlp.ENABLED, off: a fused 4-bit gate/up pair and the product as one function); in an
   offloaded checkpoint's recompute (engine.offload_checkpoint.in_recompute) down_proj runs under
   lora_forward.value_unused: the MLP output only feeds the layer output, which the recompute
   never reads, so a fused 4-bit down_proj skips its dequantize and GEMMs there

@@ -19,6 +19,12 @@ from cpt_studio.engine.patching import apply_kernels  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.fixture(autouse=True)
+def fused_pair_on(monkeypatch):
+    """Off in training (lora_mlp.ENABLED, see its docstring); on for these tests."""
+    monkeypatch.setattr(lora_mlp, "ENABLED", True)
+
+
 def _step(model, loss_fn, autocast=False, device="cpu"):
     model.zero_grad(set_to_none=True)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
@@ -61,7 +67,7 @@ def test_fused_gate_up_matches_the_unfused_kernels(quant_model_dir, monkeypatch)
     model = _peft_on(_load_4bit(quant_model_dir))
     ids = _ids(seed=3)
     fused = _patched_step(model, ids)
-    monkeypatch.setattr(lora_mlp, "gate_up_swiglu", lambda *args, **kwargs: None)
+    monkeypatch.setattr(lora_mlp, "ENABLED", False)
     unfused = _patched_step(model, ids)
     assert fused[2] == model.config.num_hidden_layers and unfused[2] == 0
     _assert_close(fused, unfused, 1e-5, 1e-6)
@@ -104,3 +110,10 @@ def test_fused_gate_up_on_cuda_under_bf16_autocast_matches_peft(quant_model_dir)
     got = _patched_step(model, ids, True, "cuda")
     assert got[2] == model.config.num_hidden_layers
     _assert_close(got, ref, 3e-2, 3e-3)
+
+
+def test_off_by_default_in_training(quant_model_dir, monkeypatch):
+    monkeypatch.undo()
+    assert lora_mlp.ENABLED is False
+    model = _peft_on(_load_4bit(quant_model_dir))
+    assert _patched_step(model, _ids())[2] == 0
