@@ -307,6 +307,27 @@ def _union(intervals: list[tuple[float, float]]) -> float:
     return total + ((cur_e - cur_s) if cur_e is not None else 0.0)
 
 
+def idle_split(launched: list[tuple[float, float, float]], steps: list[tuple[float, float]]) -> tuple[float, float]:
+    """(us the main stream waited for the host to launch its next kernel, us it idled otherwise).
+
+    `launched`: (launch call's end on the host, kernel start, kernel end) of the kernels of one
+    stream; `steps`: the profiled steps' host intervals. Inside a step, each gap between one
+    kernel's end and the next one's start is the host's fault for as long as the next launch had
+    not returned yet; the rest of the gap is a wait on something else (another stream's event, a
+    synchronisation, the allocator). Under the profiler the host is slower than in a real run, so
+    the first number is an upper bound.
+    """
+    host = other = 0.0
+    ordered = sorted(launched, key=lambda k: k[1])
+    for (_, _, prev_end), (launch_end, start, _) in zip(ordered, ordered[1:]):
+        if start <= prev_end or not any(a <= prev_end and start <= b for a, b in steps):
+            continue
+        waited_for_launch = min(start, max(launch_end, prev_end)) - prev_end
+        host += waited_for_launch
+        other += (start - prev_end) - waited_for_launch
+    return host, other
+
+
 def analyse_trace(trace: dict, cuda: bool, vocab: int, rank: int, n_steps: int) -> dict:
     raw = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     host_cats = ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")
@@ -339,6 +360,7 @@ def analyse_trace(trace: dict, cuda: bool, vocab: int, rank: int, n_steps: int) 
         return out
 
     units = []   # (name, self_us, op, chain, interval)
+    per_stream: dict = defaultdict(list)   # stream -> (launch end, start, end) of its kernels
     if cuda:
         for k in device_evs:
             rt = corr_to_rt.get(k.args.get("correlation"))
@@ -349,6 +371,8 @@ def analyse_trace(trace: dict, cuda: bool, vocab: int, rank: int, n_steps: int) 
             name = k.name if k.cat == "kernel" else ("Memcpy " if k.cat == "gpu_memcpy"
                                                       else "Memset ") + k.name
             units.append((name, k.end - k.ts, op, chain_of(start), (k.ts, k.end)))
+            if rt is not None:
+                per_stream[k.args.get("stream")].append((rt.end, k.ts, k.end))
     else:
         for evs in by_thread.values():
             for ev in evs:
@@ -381,8 +405,15 @@ def analyse_trace(trace: dict, cuda: bool, vocab: int, rank: int, n_steps: int) 
         r.update(ms_per_step=r["us"] / 1000 / n_steps, pct_of_step=100 * r["us"] / denom,
                  calls_per_step=r["calls"] / n_steps)
         del r["us"], r["calls"]
+    host_idle = other_idle = None
+    if per_stream:   # the compute stream: the one with the most kernel time
+        main = max(per_stream.values(), key=lambda ks: sum(e - b for _, b, e in ks))
+        host_idle, other_idle = idle_split(main, [(ev.ts, ev.end) for ev in steps])
     return {
         "activities": "CPU+CUDA (device kernels)" if cuda else "CPU (ops by self time)",
+        "idle_waiting_for_launch_ms_per_step": (host_idle / 1000 / n_steps
+                                                if host_idle is not None else None),
+        "idle_other_ms_per_step": other_idle / 1000 / n_steps if other_idle is not None else None,
         "profiled_wall_ms_per_step": (wall_us or 0) / 1000 / n_steps,
         "kernel_sum_ms_per_step": busy_us / 1000 / n_steps,
         "kernel_union_ms_per_step": union_us / 1000 / n_steps if union_us is not None else None,
@@ -418,6 +449,10 @@ def markdown(shape: str, sides: dict) -> str:
                   f"(sum) {r['kernel_sum_ms_per_step']:.0f} ms"
                   + (f", union {r['kernel_union_ms_per_step']:.0f} ms, GPU busy {busy:.1%}"
                      if busy is not None else ""),
+                  *([f"- compute stream idle inside the steps: {r['idle_waiting_for_launch_ms_per_step']:.0f} ms "
+                     f"a step waiting for the host to launch the next kernel (an upper bound: the "
+                     f"profiler slows the host), {r['idle_other_ms_per_step']:.0f} ms waiting on "
+                     f"anything else"] if r.get("idle_waiting_for_launch_ms_per_step") is not None else []),
                   f"- kernels (or ops) per step: {r['units_per_step']:,.0f}; peak allocated: "
                   + (f"{r['peak_allocated_gib']:.2f} GiB" if r.get("peak_allocated_gib") else "-"),
                   "", "| category | ms / step | % of step wall | % of kernel time |", "|---|---|---|---|"]
