@@ -126,13 +126,13 @@ def make_lean_forward(module: nn.Module, name: str, fallback):
     def lora_4bit_fused_forward(self, x, *args, **kwargs):
         if falls_back(self, name, args, kwargs):
             return fallback(x, *args, **kwargs)
+        call = fused_4bit_call(self, name, x)
+        if call is not None:
+            return LoRA4bitLinearFunction.apply(x, *call, getattr(_local, "value_unused", False))
         qs = getattr(self.base_layer.weight, "quant_state", None)
         if qs is not None and getattr(qs, "packing_format_for_cpu", False):
             return fallback(x)  # repacked for bnb's CPU inference kernel: bnb's own path only
-        call = fused_4bit_call(self, name, x)
-        if call is None:
-            return lean(self, x)  # qs lost (e.g. by FSDP): Linear4bit.forward restores it
-        return LoRA4bitLinearFunction.apply(x, *call, getattr(_local, "value_unused", False))
+        return lean(self, x)  # qs lost (e.g. by FSDP): Linear4bit.forward restores it
 
     lora_4bit_fused_forward.adapter_name = name   # engine.lora_mlp finds the fused layers by it
     return lora_4bit_fused_forward
