@@ -6,6 +6,10 @@
 #                                       # (lengths: BASE_SEQS, OURS_SEQS; allocator capped at 78 GiB)
 #   bash bench/device_run.sh profile    # torch.profiler of P1 steps (PROFILE_SIDES, PROFILE_SHAPE):
 #                                       # profile_p1.{json,md}, trace_p1_<side>.json.gz
+#   bash bench/device_run.sh pyspy      # where the host's time goes: py-spy samples of our side on
+#                                       # PROFILE_SHAPE (p2), pyspy_<shape>.txt (folded stacks of
+#                                       # Python frames; read with bench/host_profile.py). Needs the
+#                                       # py-spy wheel in .whl/ (pip download --no-deps py-spy).
 #
 # Device tool: carry [".whl"] (the bitsandbytes 0.50.2 wheel; the image has none). Results land in
 # $OUT: compare_p2.{json,md}, compare_p1.{json,md} (or probe_p1.{json,md}) and device_run.log.
@@ -58,6 +62,15 @@ elif [ "${1:-compare}" = profile ]; then
     say "profile ${PROFILE_SHAPE:-p1}: sides [${PROFILE_SIDES:-engine baseline}]"
     python3 bench/profile_step.py --shape "${PROFILE_SHAPE:-p1}" --sides ${PROFILE_SIDES:-engine baseline} \
         --kernels "$KERNELS" --keep-trace --out "$OUT" --budget-s "$(left)" ${EXTRA:-}
+elif [ "${1:-compare}" = pyspy ]; then
+    shape=${PROFILE_SHAPE:-p2}
+    say "py-spy of our side on $shape, $STEPS steps"
+    model="$CPT_BENCH_CACHE/$shape"
+    [ -f "$model/config.json" ] || python3 bench/build_model.py --shape "$shape" --out "$model"
+    # Python frames only: with --native, py-spy fell minutes behind at 400 Hz on a 2-core CPU.
+    timeout "$(left)" /tmp/site/bin/py-spy record --idle --rate 250 --format raw -o "$OUT/pyspy_$shape.txt" -- \
+        python3 bench/engine_train.py --model "$model" --shape "$shape" --steps "$STEPS" \
+        --warmup "$WARMUP" --kernels "$KERNELS" ${EXTRA:-}
 else
     shapes=(${SHAPES:-p2 p1})
     last=${shapes[${#shapes[@]}-1]}
