@@ -7,7 +7,7 @@
 #   bash bench/device_run.sh profile    # torch.profiler of P1 steps (PROFILE_SIDES, PROFILE_SHAPE):
 #                                       # profile_p1.{json,md}, trace_p1_<side>.json.gz
 #   bash bench/device_run.sh pyspy      # where the host's time goes: py-spy samples of our side on
-#                                       # PROFILE_SHAPE (p2), pyspy_<shape>.txt (folded stacks of
+#                                       # PROFILE_SHAPE (p2), pyspy_<shape>.txt.gz (folded stacks of
 #                                       # Python frames; read with bench/host_profile.py). Needs the
 #                                       # py-spy wheel in .whl/ (pip download --no-deps py-spy).
 #
@@ -71,6 +71,7 @@ elif [ "${1:-compare}" = pyspy ]; then
     timeout "$(left)" /tmp/site/bin/py-spy record --idle --rate 250 --format raw -o "$OUT/pyspy_$shape.txt" -- \
         python3 bench/engine_train.py --model "$model" --shape "$shape" --steps "$STEPS" \
         --warmup "$WARMUP" --kernels "$KERNELS" ${EXTRA:-}
+    gzip -9f "$OUT/pyspy_$shape.txt"   # the folded text of a P2 run passed the tool's 16 MiB a file
 else
     shapes=(${SHAPES:-p2 p1})
     last=${shapes[${#shapes[@]}-1]}

@@ -90,9 +90,6 @@ def main() -> None:
                         help="training.lora_optimizer")
     parser.add_argument("--dense-embedding-grad", action="store_true",
                         help="training.sparse_embedding_grad off")
-    parser.add_argument("--fused-gate-up", action="store_true",
-                        help="bench only: engine.lora_mlp.ENABLED (gate, up and SwiGLU as one "
-                             "function; off in training), to measure it against the default")
     parser.add_argument("--eager-head-grad", action="store_true",
                         help="training.defer_head_grad off (lm_head's dW in the loss's forward)")
     parser.add_argument("--offload-checkpoints", choices=("auto", "on", "off"), default="auto",
@@ -102,10 +99,6 @@ def main() -> None:
     parser.add_argument("--keep-frozen-embeddings", action="store_true",
                         help="training.free_frozen_embeddings off")
     args = parser.parse_args()
-    if args.fused_gate_up:
-        from cpt_studio.engine import lora_mlp
-
-        lora_mlp.ENABLED = True
     batch, seq = common.resolve_sizes(args)
     result = {"side": "engine", "shape": args.shape, "batch": batch, "seq": seq,
               "steps": args.steps, "warmup": args.warmup, "quant": not args.no_quant,

@@ -1,11 +1,13 @@
 """Where the host's time goes in the training steps: a reading of py-spy's folded stacks.
 
-    python bench/host_profile.py pyspy_p2.txt [--top 30] [--under run_steps]
+    python bench/host_profile.py pyspy_p2.txt.gz [--top 30] [--under run_steps]
 
 Input: `py-spy record --format raw` (one line per distinct stack: frames from the root joined by
 ';', a space, the sample count), as `bench/device_run.sh pyspy` writes it. Only the samples whose
 stack passes through a frame named --under (default run_steps: the timed loop of bench/common.py,
-so loading and building are left out) are read. Prints the share of those samples
+so loading and building are left out) are read. Those are the main thread's: the backward's
+Python (recompute included) runs on autograd's device thread, whose stacks have no such frame;
+there the main thread shows as _engine_run_backward, waiting (--under '' reads every thread). Prints the share of those samples
 - by leaf frame (self time: where the host is when sampled; with --native, the C/C++ frames),
 - by Python function anywhere on the stack below --under (inclusive time: our code, Triton's
   launcher, autograd, transformers' forwards...),
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import re
 import sys
 
@@ -27,7 +30,8 @@ PYTHON_FRAME = re.compile(r"\.py:\d+\)$")
 
 def read_folded(path: str, under: str) -> list[tuple[list[str], int]]:
     stacks = []
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
         for line in fh:
             line = line.rstrip("\n")
             stack, _, count = line.rpartition(" ")

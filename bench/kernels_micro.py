@@ -5,8 +5,7 @@ Prints one row per case: median time of fwd+bwd (triton.testing.do_bench, fresh 
 grads reset between runs), peak extra memory of one fwd+bwd, and the relative error of the
 kernel's output vs the reference. The baseline is measured in the same run, on the same inputs.
 Last, the 8-bit AdamW step vs bitsandbytes' AdamW8bit (--only adamw8bit runs just those rows) and
-the one-launch NF4 dequantize vs bitsandbytes' (--only nf4), and the LoRA-SwiGLU kernel vs two
-addmm_ + the SwiGLU kernel (--only lora_swiglu).
+the one-launch NF4 dequantize vs bitsandbytes' (--only nf4).
 """
 from __future__ import annotations
 
@@ -117,51 +116,10 @@ def _nf4_cases(quick: bool) -> None:
           f"{_peak_gib(theirs):.2f} | {_peak_gib(ours):.2f} | {err:.1e} |", flush=True)
 
 
-def _lora_swiglu_cases(quick: bool, dev: str = "cuda") -> None:
-    """The gate/up LoRA B terms and SwiGLU at the P1 MLP shape: unfused (two in-place addmm_ of
-    s h B^T into the bf16 base outputs, then kernels/swiglu.py) vs kernels/lora_swiglu.py (the terms
-    added per tile), forward and backward separately. Columns as above; rel err of p or dG."""
-    import triton.testing
-
-    from cpt_studio.kernels.lora_swiglu import lora_swiglu_backward, lora_swiglu_forward
-    from cpt_studio.kernels.swiglu import swiglu_backward, swiglu_forward
-
-    n, i, r = (1024, 4096, 16) if quick else (4096, 14336, 16)
-    bf16 = torch.bfloat16
-    yg, yu, dp = (torch.randn(n, i, device=dev, dtype=bf16) for _ in range(3))
-    hg, hu = (torch.randn(n, r, device=dev, dtype=bf16) for _ in range(2))
-    bg, bu = (torch.randn(i, r, device=dev, dtype=bf16) * 0.01 for _ in range(2))
-    g, u = yg.clone(), yu.clone()
-
-    def unfused_forward():   # in place, as the fused 4-bit LoRA function does into its output
-        g.copy_(yg).addmm_(hg, bg.t(), alpha=2.0)
-        u.copy_(yu).addmm_(hu, bu.t(), alpha=2.0)
-        return swiglu_forward(g, u)
-
-    def unfused_add_terms_only():   # the copies alone, subtracted below
-        g.copy_(yg)
-        u.copy_(yu)
-
-    fused_forward = lambda: lora_swiglu_forward(yg, hg, bg, 2.0, yu, hu, bu, 2.0)  # noqa: E731
-    t_copy = triton.testing.do_bench(unfused_add_terms_only, warmup=25, rep=200, return_mode="median")
-    t_ref = triton.testing.do_bench(unfused_forward, warmup=25, rep=200, return_mode="median") - t_copy
-    t_k = triton.testing.do_bench(fused_forward, warmup=25, rep=200, return_mode="median")
-    ref, got = unfused_forward().float(), fused_forward().float()
-    print(f"| LoRA-SwiGLU forward {n}x{i} r{r} bf16 (torch: 2 addmm_ + SwiGLU kernel) | {t_ref:.3f} | "
-          f"{t_k:.3f} | {t_ref / t_k:.2f}x | - | - | {((got - ref).norm() / ref.norm()).item():.1e} |")
-    unfused_backward = lambda: swiglu_backward(dp, g, u)  # noqa: E731  (g, u as the forward left them)
-    fused_backward = lambda: lora_swiglu_backward(dp, yg, hg, bg, 2.0, yu, hu, bu, 2.0)  # noqa: E731
-    t_ref = triton.testing.do_bench(unfused_backward, warmup=25, rep=200, return_mode="median")
-    t_k = triton.testing.do_bench(fused_backward, warmup=25, rep=200, return_mode="median")
-    ref, got = unfused_backward()[0].float(), fused_backward()[0].float()
-    print(f"| LoRA-SwiGLU backward {n}x{i} r{r} bf16 (torch: SwiGLU backward kernel on saved g, u) | "
-          f"{t_ref:.3f} | {t_k:.3f} | {t_ref / t_k:.2f}x | - | - | {((got - ref).norm() / ref.norm()).item():.1e} |")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller shapes (smoke test)")
-    ap.add_argument("--only", choices=("all", "adamw8bit", "nf4", "lora_swiglu"), default="all",
+    ap.add_argument("--only", choices=("all", "adamw8bit", "nf4"), default="all",
                     help="run one group of cases")
     args = ap.parse_args(argv)
     import transformers
@@ -185,9 +143,6 @@ def main(argv=None) -> int:
         return 0
     if args.only == "nf4":
         _nf4_cases(args.quick)
-        return 0
-    if args.only == "lora_swiglu":
-        _lora_swiglu_cases(args.quick)
         return 0
 
     x = torch.randn(n, 4096, device=dev, dtype=bf16, requires_grad=True)
@@ -251,7 +206,6 @@ def main(argv=None) -> int:
           lambda: loss_bwd(linear_cross_entropy_reference(h, wf, labels, la, lb, 2.0)), [h, la, lb], rep=500)
     _adamw8bit_cases(args.quick)
     _nf4_cases(args.quick)
-    _lora_swiglu_cases(args.quick)
     return 0
 
 

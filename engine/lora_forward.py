@@ -134,7 +134,6 @@ def make_lean_forward(module: nn.Module, name: str, fallback):
             return fallback(x)  # repacked for bnb's CPU inference kernel: bnb's own path only
         return lean(self, x)  # qs lost (e.g. by FSDP): Linear4bit.forward restores it
 
-    lora_4bit_fused_forward.adapter_name = name   # engine.lora_mlp finds the fused layers by it
     return lora_4bit_fused_forward
 
 

@@ -10,8 +10,7 @@ What is patched, per module instance (a new `forward` bound on the instance; cla
 transformers are never touched, nothing happens at import time):
 - every RMSNorm of a Llama / Mistral / Qwen2 / Qwen3 model -> kernels.rmsnorm
 - every MLP of those models with a SiLU gate: down(swiglu(gate(x), up(x))); gate/up/down stay
-  the modules they are (LoRA-wrapped or 4-bit), only the activation product is fused (with
-  engine.lora_mlp.ENABLED, off: a fused 4-bit gate/up pair and the product as one function); in an
+  the modules they are (LoRA-wrapped or 4-bit), only the activation product is fused; in an
   offloaded checkpoint's recompute (engine.offload_checkpoint.in_recompute) down_proj runs under
   lora_forward.value_unused: the MLP output only feeds the layer output, which the recompute
   never reads, so a fused 4-bit down_proj skips its dequantize and GEMMs there
@@ -117,7 +116,6 @@ def apply_kernels(model: nn.Module, enabled: bool = True, backend: str = "auto",
     from cpt_studio.kernels import rmsnorm, swiglu, triton_available  # lazy: no import-time cost
 
     from .lora_forward import value_unused
-    from .lora_mlp import gate_up_swiglu
     from .offload_checkpoint import in_recompute
 
     causal_lm = _causal_lm(model)
@@ -133,9 +131,7 @@ def apply_kernels(model: nn.Module, enabled: bool = True, backend: str = "auto",
         return rmsnorm(hidden_states, self.weight, self.variance_epsilon, backend=backend)
 
     def mlp_forward(self, x):
-        product = gate_up_swiglu(self.gate_proj, self.up_proj, x, backend)   # fused 4-bit LoRA pair
-        if product is None:
-            product = swiglu(self.gate_proj(x), self.up_proj(x), backend=backend)
+        product = swiglu(self.gate_proj(x), self.up_proj(x), backend=backend)
         if in_recompute():   # the layer's output only carries the gradient back: no down GEMM
             with value_unused():
                 return self.down_proj(product)

@@ -6,8 +6,6 @@ takes `backend="auto" | "triton" | "torch"` (see dispatch.use_triton):
 - rmsnorm(x, weight, eps)                       RMSNorm, fwd + bwd (dX, dW)
 - apply_rope(q, k, cos, sin, unsqueeze_dim)     rotary embedding of q and k in one launch
 - swiglu(gate, up)                              silu(gate) * up, silu recomputed in the bwd
-- lora_swiglu_forward / _backward(yg, hg, bg, sg, yu, hu, bu, su)
-                                                 the same with two LoRA B terms added per tile
 - fused_linear_cross_entropy(hidden, weight, labels, lora_A=, lora_B=, ...)
                                                  chunked lm_head + CE, no [N, V] logits
 - adamw8bit_step(param, grad, state, step=, lr=, ...)
@@ -18,7 +16,6 @@ takes `backend="auto" | "triton" | "torch"` (see dispatch.use_triton):
 from .adamw8bit import adamw8bit_step, init_adamw8bit_state
 from .dispatch import triton_available, use_triton
 from .fused_linear_cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
-from .lora_swiglu import lora_swiglu_backward, lora_swiglu_forward, lora_swiglu_reference
 from .nf4_dequant import nf4_dequant, nf4_dequant_reference
 from .rmsnorm import rmsnorm, rmsnorm_reference
 from .rope import apply_rope, rope_reference
@@ -30,9 +27,6 @@ __all__ = [
     "fused_linear_cross_entropy",
     "init_adamw8bit_state",
     "linear_cross_entropy_reference",
-    "lora_swiglu_backward",
-    "lora_swiglu_forward",
-    "lora_swiglu_reference",
     "nf4_dequant",
     "nf4_dequant_reference",
     "rmsnorm",
