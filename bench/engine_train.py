@@ -90,6 +90,9 @@ def main() -> None:
                         help="training.lora_optimizer")
     parser.add_argument("--dense-embedding-grad", action="store_true",
                         help="training.sparse_embedding_grad off")
+    parser.add_argument("--ungrouped-lora", action="store_true",
+                        help="bench only: engine.lora_group.ENABLED off (q/k/v and gate/up each "
+                             "their own fused 4-bit function), to measure the grouping")
     parser.add_argument("--eager-head-grad", action="store_true",
                         help="training.defer_head_grad off (lm_head's dW in the loss's forward)")
     parser.add_argument("--offload-checkpoints", choices=("auto", "on", "off"), default="auto",
@@ -99,6 +102,10 @@ def main() -> None:
     parser.add_argument("--keep-frozen-embeddings", action="store_true",
                         help="training.free_frozen_embeddings off")
     args = parser.parse_args()
+    if args.ungrouped_lora:
+        from cpt_studio.engine import lora_group
+
+        lora_group.ENABLED = False
     batch, seq = common.resolve_sizes(args)
     result = {"side": "engine", "shape": args.shape, "batch": batch, "seq": seq,
               "steps": args.steps, "warmup": args.warmup, "quant": not args.no_quant,

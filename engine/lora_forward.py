@@ -57,6 +57,7 @@ LEAN_LABELS = {"linear": "LoRA Linear (lean fused add)",
                "4bit": "LoRA Linear4bit (fused 4-bit LoRA function)"}
 _DEQUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _local = threading.local()   # .value_unused: set by value_unused() around one call
+GROUP_ATTR = "_cpt_lora_group"   # (engine.lora_group.ProjectionGroup, index) on a grouped layer
 
 
 @contextlib.contextmanager
@@ -126,6 +127,11 @@ def make_lean_forward(module: nn.Module, name: str, fallback):
     def lora_4bit_fused_forward(self, x, *args, **kwargs):
         if falls_back(self, name, args, kwargs):
             return fallback(x, *args, **kwargs)
+        group = self.__dict__.get(GROUP_ATTR)   # engine.lora_group: computed with its group
+        if group is not None:
+            out = group[0].output(group[1], x)
+            if out is not None:
+                return out
         call = fused_4bit_call(self, name, x)
         if call is not None:
             return LoRA4bitLinearFunction.apply(x, *call, getattr(_local, "value_unused", False))
@@ -134,6 +140,7 @@ def make_lean_forward(module: nn.Module, name: str, fallback):
             return fallback(x)  # repacked for bnb's CPU inference kernel: bnb's own path only
         return lean(self, x)  # qs lost (e.g. by FSDP): Linear4bit.forward restores it
 
+    lora_4bit_fused_forward.adapter_name = name   # engine.lora_group finds the fused layers by it
     return lora_4bit_fused_forward
 
 

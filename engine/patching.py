@@ -18,7 +18,8 @@ transformers are never touched, nothing happens at import time):
   dropout (p=0), not merged -> engine.lora_forward: base(x) then one in-place addmm of the LoRA
   product with the scaling folded in (no clone, no full-size mul/add); a 4-bit base runs the whole
   projection as one autograd function (dequantize, GEMMs, hand-written backward); other LoRA
-  layers stay peft's
+  layers stay peft's; an attention's q/k/v and an MLP's gate/up, when all take that function, run
+  as one (engine/lora_group.py: x read once for the LoRA A GEMMs, one dx buffer)
 - every attention module of those models -> kernels.apply_rope for q and k: a copy of transformers'
   own attention forward whose globals hold our `apply_rotary_pos_emb` (engine/rope_patch.py); a
   forward it cannot take is left as it is, with a note why
@@ -148,6 +149,7 @@ def apply_kernels(model: nn.Module, enabled: bool = True, backend: str = "auto",
                 _bind(patch, module, mlp_forward, f"SwiGLU MLP ({impl})")
     _patch_rope(patch, model, backend, f"RoPE ({impl})")
     _patch_lora_layers(patch, model)
+    _group_lora_layers(patch, model)
     try:
         head = resolve_lm_head(causal_lm)
         patch.fused_loss = True
@@ -188,6 +190,24 @@ def _patch_lora_layers(patch: KernelPatch, model: nn.Module) -> None:
     if left:
         patch.notes.append(f"LoRA layers left as peft's: {left} (dropout > 0, DoRA, a LoRA bias, "
                            "several or no active adapters, or merged)")
+
+
+def _group_lora_layers(patch: KernelPatch, model: nn.Module) -> None:
+    """q/k/v and gate/up of each layer as one function (engine/lora_group.py), where all members
+    took the fused 4-bit forward above; off with lora_group.ENABLED = False (bench A/B)."""
+    from . import lora_group
+    from .lora_forward import GROUP_ATTR
+
+    if not lora_group.ENABLED:
+        return
+
+    def bind(member: nn.Module, group, index: int) -> None:
+        member.__dict__[GROUP_ATTR] = (group, index)
+        patch._undo.append(lambda: member.__dict__.pop(GROUP_ATTR, None))
+
+    made = lora_group.group_projections(model, bind)
+    if made:
+        patch.counts[lora_group.LABEL] = made
 
 
 def _bind(patch: KernelPatch, module: nn.Module, forward, label: str) -> None:
