@@ -164,11 +164,49 @@ def test_apply_kernels_groups_by_default_and_reports_it(quant_model_dir, monkeyp
         patch.revert()
 
 
+def _rel_errors(got: dict, want: dict) -> dict:
+    return {n: ((got[n].double() - want[n].double()).norm() / want[n].double().norm()).item()
+            for n in want}
+
+
 @pytest.mark.gpu
-def test_grouped_on_cuda_under_bf16_autocast_matches_peft(quant_model_dir):
-    """The P1 path: bf16 4-bit base, fp32 LoRA masters, bf16 autocast, on CUDA (Triton dequantize)."""
+def test_grouped_on_cuda_in_fp32_matches_the_ungrouped_patch(quant_model_dir):
+    """fp32 compute on CUDA (Triton dequantize, cuBLAS with strided operands): the grouping may
+    only change the summation order."""
+    model = _peft_on(_load_4bit(quant_model_dir, "cuda"))
+    for m in model.modules():
+        if hasattr(m, "compute_dtype"):
+            m.compute_dtype = torch.float32
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    (got_loss, got), (flat_loss, flat) = _compare_grouped(model, rtol=1e-4, atol=1e-5, device="cuda")
+    torch.testing.assert_close(got_loss, flat_loss, rtol=1e-5, atol=1e-6)
+    errors = _rel_errors(got, flat)
+    assert max(errors.values()) < 1e-4, errors
+
+
+@pytest.mark.gpu
+def test_grouped_on_cuda_under_bf16_autocast_is_as_close_to_peft_as_the_ungrouped_patch(
+        quant_model_dir):
+    """The P1 path: bf16 4-bit base, fp32 LoRA masters, bf16 autocast, on CUDA. bf16 rounding
+    makes single elements of small gradients differ by more than an elementwise tolerance from
+    peft's (as the ungrouped patch's do, in other places); per parameter, the grouped patch's
+    relative error against peft must stay within that of the ungrouped patch."""
     model = _peft_on(_load_4bit(quant_model_dir, "cuda"))
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    _compare_grouped(model, rtol=3e-2, atol=3e-3, autocast=True, device="cuda")
+    ids = _ids("cuda")
+    _, ref, _ = _step(model, ids, True, "cuda")
+    results = []
+    for make in (_lora_only_patch, _grouped_patch):
+        patch = make(model)
+        try:
+            results.append(_step(model, ids, True, "cuda")[1])
+        finally:
+            patch.revert()
+    flat, grouped = (_rel_errors(r, ref) for r in results)
+    worse = {n: (grouped[n], flat[n]) for n in ref if grouped[n] > 1.5 * flat[n] + 5e-3}
+    assert not worse, worse
+    assert max(grouped.values()) < 0.1, grouped
