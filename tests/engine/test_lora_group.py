@@ -41,7 +41,8 @@ def _attention(model, layer=0):
 
 
 def _compare_grouped(model, rtol, atol, autocast=False, device="cpu"):
-    """peft's forward, the fused patch ungrouped, then grouped: same loss and gradients."""
+    """peft's forward, the fused patch ungrouped, then grouped: the grouped loss and gradients
+    as peft's within rtol / atol; returns the grouped and the ungrouped results."""
     ids = _ids(device)
     ref_loss, ref, _ = _step(model, ids, autocast, device)
     patch = _lora_only_patch(model)
@@ -60,7 +61,8 @@ def _compare_grouped(model, rtol, atol, autocast=False, device="cpu"):
     assert got.keys() == ref.keys() and sum("lora_A" in n for n in got) == 14
     torch.testing.assert_close(got_loss, ref_loss, rtol=rtol, atol=atol)
     for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(got[name], ref[name], rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     return (got_loss, got), (flat_loss, flat)
 
 
@@ -171,16 +173,17 @@ def _rel_errors(got: dict, want: dict) -> dict:
 
 @pytest.mark.gpu
 def test_grouped_on_cuda_in_fp32_matches_the_ungrouped_patch(quant_model_dir):
-    """fp32 compute on CUDA (Triton dequantize, cuBLAS with strided operands): the grouping may
-    only change the summation order."""
+    """fp32 all through on CUDA (Triton dequantize, cuBLAS with strided operands): grouped and
+    ungrouped may differ in summation order only. Against peft loosely: on CUDA the 4-bit layers
+    keep quant_state.dtype bf16, so peft's path rounds each dequantized weight to bf16 first."""
     model = _peft_on(_load_4bit(quant_model_dir, "cuda"))
     for m in model.modules():
         if hasattr(m, "compute_dtype"):
             m.compute_dtype = torch.float32
     for p in model.parameters():
-        if p.requires_grad:
+        if p.is_floating_point():
             p.data = p.data.float()
-    (got_loss, got), (flat_loss, flat) = _compare_grouped(model, rtol=1e-4, atol=1e-5, device="cuda")
+    (got_loss, got), (flat_loss, flat) = _compare_grouped(model, rtol=2e-2, atol=2e-3, device="cuda")
     torch.testing.assert_close(got_loss, flat_loss, rtol=1e-5, atol=1e-6)
     errors = _rel_errors(got, flat)
     assert max(errors.values()) < 1e-4, errors
