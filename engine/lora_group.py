@@ -37,7 +37,7 @@ from .lora_forward import (GROUP_ATTR, _local, _scaled_product, falls_back, fuse
 
 ENABLED = True   # bench/engine_train.py --ungrouped-lora turns it off for an A/B
 GROUPS = {"Attention": ("q_proj", "k_proj", "v_proj"), "MLP": ("gate_proj", "up_proj")}
-LABEL = "LoRA Linear4bit groups (q/k/v, gate/up: one function)"
+LABEL = "LoRA Linear4bit in groups (q/k/v, gate/up: one function each)"
 
 
 class ProjectionGroup:
@@ -89,7 +89,7 @@ def group_projections(model: nn.Module, bind) -> int:
     """Groups the fused 4-bit LoRA projections of every attention / MLP module of `model`.
 
     `bind(module, group, index)` records one member (engine.patching keeps the undo). Returns the
-    number of groups made.
+    number of projections grouped (5 a Llama layer).
     """
     made = 0
     for module in model.modules():
@@ -104,7 +104,7 @@ def group_projections(model: nn.Module, bind) -> int:
         group = ProjectionGroup(members, names)
         for index, member in enumerate(members):
             bind(member, group, index)
-        made += 1
+        made += len(members)
     return made
 
 

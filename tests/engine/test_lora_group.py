@@ -52,7 +52,7 @@ def _compare_grouped(model, rtol, atol, autocast=False, device="cpu"):
         patch.revert()
     patch = _grouped_patch(model)
     try:
-        assert patch.counts[lora_group.LABEL] == 4   # 2 layers x (q/k/v, gate/up)
+        assert patch.counts[lora_group.LABEL] == 10   # 2 layers x (q, k, v, gate, up)
         assert _nodes(model, ids, autocast, device) == (4, 4)   # o_proj and down_proj alone
         got_loss, got, _ = _step(model, ids, autocast, device)
     finally:
@@ -155,7 +155,7 @@ def test_apply_kernels_groups_by_default_and_reports_it(quant_model_dir, monkeyp
     model = _peft_on(_load_4bit(quant_model_dir))
     patch = apply_kernels(model, enabled=True)
     try:
-        assert f"{lora_group.LABEL}: 4 modules" in patch.summary()
+        assert f"{lora_group.LABEL}: 10 modules" in patch.summary()
     finally:
         patch.revert()
     monkeypatch.setattr(lora_group, "ENABLED", False)
