@@ -5,7 +5,8 @@
 Input: `py-spy record --format raw` (one line per distinct stack: frames from the root joined by
 ';', a space, the sample count), as `bench/device_run.sh pyspy` writes it. Only the samples whose
 stack passes through a frame named --under (default run_steps: the timed loop of bench/common.py,
-so loading and building are left out) are read. Those are the main thread's: the backward's
+so loading and building are left out) are read, less those of warm-up work (Triton compiling,
+imports: --keep-warmup keeps them). Those are the main thread's: the backward's
 Python (recompute included) runs on autograd's device thread, whose stacks have no such frame;
 there the main thread shows as _engine_run_backward, waiting (--under '' reads every thread). Prints the share of those samples
 - by leaf frame (self time: where the host is when sampled; with --native, the C/C++ frames),
@@ -28,7 +29,11 @@ WAIT_LEAVES = re.compile(r"cudaStreamSynchronize|cudaEventSynchronize|cudaDevice
 PYTHON_FRAME = re.compile(r"\.py:\d+\)$")
 
 
-def read_folded(path: str, under: str) -> list[tuple[list[str], int]]:
+# Warm-up work with no place in a steady step: Triton compiling, its compiler subprocesses, imports.
+WARMUP_FRAMES = re.compile(r"^(JITFunction\._do_compile|compile \(.*triton|Popen\.|_find_and_load)")
+
+
+def read_folded(path: str, under: str, drop_warmup: bool = True) -> list[tuple[list[str], int]]:
     stacks = []
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
@@ -39,6 +44,8 @@ def read_folded(path: str, under: str) -> list[tuple[list[str], int]]:
                 continue
             frames = stack.split(";")
             if under and not any(f.startswith(under + " ") or f == under for f in frames):
+                continue
+            if drop_warmup and any(WARMUP_FRAMES.search(f) for f in frames):
                 continue
             stacks.append((frames, int(count)))
     return stacks
@@ -69,7 +76,7 @@ def summarise(stacks, top: int, under: str) -> str:
                 continue
             seen.add(key)
             inclusive[key] += count
-    out = [f"samples in the steps: {total:,}; waiting on the device: {100 * waiting / total:.1f}%, "
+    out = [f"samples read: {total:,}; waiting on the device: {100 * waiting / total:.1f}%, "
            f"issuing work: {100 * (total - waiting) / total:.1f}%", "",
            f"top {top} leaf frames (self)", *(f"{100 * c / total:6.1f}%  {k}" for k, c in leaf.most_common(top)),
            "", f"top {top} Python functions anywhere on the stack (inclusive)",
@@ -82,8 +89,10 @@ def main() -> None:
     parser.add_argument("folded", help="py-spy record --format raw output")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--under", default="run_steps", help="only stacks through this function ('' = all)")
+    parser.add_argument("--keep-warmup", action="store_true",
+                        help="keep the samples of Triton compiling and imports (dropped by default)")
     args = parser.parse_args()
-    stacks = read_folded(args.folded, args.under)
+    stacks = read_folded(args.folded, args.under, not args.keep_warmup)
     print(summarise(stacks, args.top, args.under))
     sys.stdout.flush()
 

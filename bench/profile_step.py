@@ -275,7 +275,9 @@ def classify(name: str, op: Ev | None, chain: list[str], vocab: int, rank: int, 
     if gemm:
         if in_ce or vocab in dims:
             return "lm_head + CE: GEMMs"
-        return "GEMM: LoRA (r=16)" if rank in dims else "GEMM: base projections (bf16)"
+        # engine/lora_group.py stacks 2 or 3 adapters' A: its GEMMs have 2r or 3r in a dim
+        lora = any(k * rank in dims for k in (1, 2, 3))
+        return "GEMM: LoRA (r=16)" if lora else "GEMM: base projections (bf16)"
     if in_ce or vocab in dims:
         return "lm_head + CE: other (CE kernels, dW accumulate, casts)"
     if cuda:
