@@ -77,6 +77,21 @@ def setup(cfg, device: torch.device):
     return model, optimizer, groups, loss_fn, kernels, embeddings
 
 
+def _sdpa_backend(name: str):
+    """torch's SDPA backend for the steps: "auto" leaves torch's choice (cuDNN on an H200 here).
+    The backend flags are process-wide, so the backward's recompute on autograd's thread sees them
+    too. (P2's py-spy samples put 11% of the main thread in the SDPA call: session 8, call 6.)"""
+    import contextlib
+
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel(backend)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(parser)
@@ -93,6 +108,8 @@ def main() -> None:
     parser.add_argument("--ungrouped-lora", action="store_true",
                         help="bench only: engine.lora_group.ENABLED off (q/k/v and gate/up each "
                              "their own fused 4-bit function), to measure the grouping")
+    parser.add_argument("--sdpa-backend", choices=("auto", "cudnn", "flash", "efficient", "math"),
+                        default="auto", help="bench only: torch's attention backend for the steps")
     parser.add_argument("--eager-head-grad", action="store_true",
                         help="training.defer_head_grad off (lm_head's dW in the loss's forward)")
     parser.add_argument("--offload-checkpoints", choices=("auto", "on", "off"), default="auto",
@@ -128,8 +145,10 @@ def main() -> None:
                    f"of {batch}x{seq}")
         from cpt_studio.engine.grad_clip import clip_grad_norm
 
-        result.update(common.run_steps(loss_fn, optimizer, model, batches, args.warmup, device,
-                                       clip=clip_grad_norm))
+        with _sdpa_backend(args.sdpa_backend):
+            result.update(common.run_steps(loss_fn, optimizer, model, batches, args.warmup, device,
+                                           clip=clip_grad_norm))
+        result["sdpa_backend"] = args.sdpa_backend
     except Exception as exc:   # OOM is an answer (--probe-seq); anything else fails the run
         if not common.is_oom(exc):
             raise
