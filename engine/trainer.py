@@ -67,6 +67,18 @@ def run_training(config, workspace, run_dir, sink, control: Optional[ControlChan
         return TrainResult("failed", step, None, "", 1)
 
 
+def first_step_note(kernel_summary: list, device: torch.device) -> str:
+    """What the Run page says during this process's first training step, or "".
+
+    With the kernels on a GPU, Triton compiles each kernel at its first launch: the backward's
+    at the first training step (the evaluation before it compiles the forward's). On an H200 that
+    took 34 s of a 1B-shape run on a fresh machine (bench/RESULTS.md, session 8, call 6); Triton
+    keeps them in its cache, so later runs start at once."""
+    if not kernel_summary or torch.device(device).type != "cuda":
+        return ""
+    return "first step: compiling GPU kernels (up to a minute on a new machine)"
+
+
 class TrainingLoop:
     def __init__(self, config, workspace, run_dir, sink, control: ControlChannel):
         self.cfg = config
@@ -105,9 +117,15 @@ class TrainingLoop:
         stopped, ev_cfg, ck_cfg = False, self.cfg.eval, self.cfg.checkpoint
         step_ema = None
         last_saved = resumed_from
+        note = first_step_note(s.kernel_summary, s.device)
+        if note:
+            self.sink.emit(Phase(phase="training", progress=-1, message=note))   # busy, length unknown
         while self.step < s.total_steps:
             started = time.perf_counter()
             loss = self._train_step()
+            if note:   # the first step is done: the kernels are compiled
+                note = ""
+                self.sink.emit(Phase(phase="training", progress=self._progress(), message=""))
             step_s = time.perf_counter() - started
             step_ema = step_s if step_ema is None else 0.9 * step_ema + 0.1 * step_s
             self.step += 1

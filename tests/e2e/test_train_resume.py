@@ -7,11 +7,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from cpt_studio.engine.control import ControlChannel
-from cpt_studio.engine.events import (CheckpointSaved, EvalMetrics, Log, RunFinished, RunStarted,
-                                      StepMetrics)
+from cpt_studio.engine.events import (CheckpointSaved, EvalMetrics, Log, Phase, RunFinished,
+                                      RunStarted, StepMetrics)
 from cpt_studio.engine.runs import Workspace
 from cpt_studio.engine.sinks import FanOut, ListSink, RunFolderSink
-from cpt_studio.engine.trainer import run_training
+from cpt_studio.engine.trainer import first_step_note, run_training
 
 
 class StopAfterCheckpoint(ControlChannel):
@@ -152,3 +152,25 @@ def test_continue_from_adapter_goes_on_counting(tmp_path, tiny_config):
     first_eval = next(e for e in cont if isinstance(e, EvalMetrics) and e.eval_set == "heldout")
     assert first_eval.step == 8
     assert abs(first_eval.eval_loss - final_eval.eval_loss) < 1e-5   # same weights it left with
+
+
+def test_the_first_step_note_says_the_kernels_compile_only_with_kernels_on_a_gpu():
+    summary = ["RMSNorm (Triton): 5 modules"]
+    assert "compiling GPU kernels" in first_step_note(summary, torch.device("cuda"))
+    assert first_step_note(summary, torch.device("cpu")) == ""
+    assert first_step_note([], torch.device("cuda")) == ""
+
+
+def test_the_first_training_step_shows_its_note_then_clears_it(tmp_path, tiny_config, monkeypatch):
+    """The Run page's phase line during the first step (Triton compiling on a GPU), gone after it."""
+    from cpt_studio.engine import trainer
+
+    monkeypatch.setattr(trainer, "first_step_note", lambda summary, device: "first step note")
+    _, events, result = _train(Workspace(tmp_path / "ws"), tiny_config(max_steps=3))
+    assert result.status == "finished"
+    kinds = [(type(e).__name__, getattr(e, "message", None)) for e in events
+             if isinstance(e, (Phase, StepMetrics))]
+    first_step = kinds.index(("StepMetrics", None))
+    shown = kinds.index(("Phase", "first step note"))
+    assert shown < first_step and ("Phase", "") in kinds[shown + 1:first_step]
+    assert kinds.count(("Phase", "first step note")) == 1
