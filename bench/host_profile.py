@@ -22,8 +22,8 @@ import gzip
 import re
 import sys
 
-# Frames on the host's stack that mean "blocked until the GPU is done".
-WAIT_LEAVES = re.compile(r"cudaStreamSynchronize|cudaEventSynchronize|cudaDeviceSynchronize|"
+# Frames on the host's stack that mean "blocked until the GPU is done" (native frames: py-spy --native).
+WAIT_FRAMES = re.compile(r"cudaStreamSynchronize|cudaEventSynchronize|cudaDeviceSynchronize|"
                          r"cuStreamSynchronize|cuEventSynchronize|cuCtxSynchronize|_local_scalar_dense|"
                          r"^synchronize \(|^Event\.synchronize|^Stream\.synchronize")
 PYTHON_FRAME = re.compile(r"\.py:\d+\)$")
@@ -66,7 +66,7 @@ def summarise(stacks, top: int, under: str) -> str:
     waiting = 0
     for frames, count in stacks:
         leaf[short(frames[-1])] += count
-        if any(WAIT_LEAVES.search(f) for f in frames):
+        if any(WAIT_FRAMES.search(f) for f in frames):
             waiting += count
         seen = set()
         start = next((i for i, f in enumerate(frames) if f.startswith(under + " ")), -1) + 1
@@ -76,8 +76,12 @@ def summarise(stacks, top: int, under: str) -> str:
                 continue
             seen.add(key)
             inclusive[key] += count
-    out = [f"samples read: {total:,}; waiting on the device: {100 * waiting / total:.1f}%, "
-           f"issuing work: {100 * (total - waiting) / total:.1f}%", "",
+    native = any(".so" in f for frames, _ in stacks for f in frames)
+    wait_line = (f"waiting on the device: {100 * waiting / total:.1f}%, issuing work: "
+                 f"{100 * (total - waiting) / total:.1f}%" if native else
+                 "waiting on the device: not readable (Python frames only: a sync inside float() or "
+                 ".item() shows as the calling line)")
+    out = [f"samples read: {total:,}; {wait_line}", "",
            f"top {top} leaf frames (self)", *(f"{100 * c / total:6.1f}%  {k}" for k, c in leaf.most_common(top)),
            "", f"top {top} Python functions anywhere on the stack (inclusive)",
            *(f"{100 * c / total:6.1f}%  {k}" for k, c in inclusive.most_common(top))]
