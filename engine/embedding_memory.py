@@ -28,8 +28,11 @@ read only when the adapter is disabled or inactive (`disable_adapter()`, a non-a
 `unload()` without an active adapter): none of which a training run does. The step-0 eval runs
 with the adapter active on the untouched copy (equal to the base at that point), checkpoints and
 the final adapter save only the copies (modules_to_save.*), resume loads into the copies, and
-merge_and_unload returns the active copy. So the originals become `meta` tensors (shape and dtype
-kept, no storage) and a forward through one raises a clear error instead of computing garbage.
+merge_and_unload returns the active copy. So each original's weight becomes a placeholder: the same
+shape, dtype and device, backed by one element of storage (a zero broadcast with stride 0), and a
+forward through the original raises a clear error instead of computing garbage. Not `meta`
+tensors: code that asks the model for its device (`model.device`, the first parameter's device, as
+transformers' hub-kernel integration did) must keep getting the real one.
 With tied embeddings the base embed_tokens and lm_head share one original: it is freed once.
 """
 from __future__ import annotations
@@ -71,7 +74,7 @@ def keep_stream_in_compute_dtype(model: nn.Module):
 
 
 def free_frozen_originals(model: nn.Module) -> int:
-    """Replace the weights of peft's frozen `original_module` copies with meta tensors.
+    """Replace the weights of peft's frozen `original_module` copies with one-element placeholders.
 
     Only wrappers whose adapter is active (the copy is what forward uses) are touched. Returns the
     bytes released (a tensor shared by tied modules counts once).
@@ -88,13 +91,12 @@ def free_frozen_originals(model: nn.Module) -> int:
         original = wrapper.original_module
         for module in original.modules():
             for pname, param in list(module._parameters.items()):
-                if (param is None or param.device.type == "meta" or type(param) is not nn.Parameter
+                if (param is None or _is_placeholder(param) or type(param) is not nn.Parameter
                         or not param.is_floating_point()):
                     continue   # quantized (Params4bit, int8) weights are left alone
                 if id(param) not in replaced:
                     freed += param.numel() * param.element_size()
-                    replaced[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"),
-                                                       requires_grad=False)
+                    replaced[id(param)] = nn.Parameter(_placeholder(param), requires_grad=False)
                 module._parameters[pname] = replaced[id(param)]
         if not getattr(original, "_cpt_freed", False):
             name = wrapper_name.rsplit(".", 1)[-1]
@@ -103,6 +105,18 @@ def free_frozen_originals(model: nn.Module) -> int:
     if freed:
         log.info("freed %.2f GiB of frozen embed_tokens/lm_head originals", freed / 2**30)
     return freed
+
+
+def _placeholder(param: torch.Tensor) -> torch.Tensor:
+    """A zero of param's dtype on param's device, broadcast to its shape: one element of memory."""
+    return torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
+
+
+def _is_placeholder(param: torch.Tensor) -> bool:
+    """True for a weight that free_frozen_originals replaced, or one with no storage at all (`meta`)."""
+    if param.device.type == "meta":
+        return True
+    return param.numel() > 1 and all(stride == 0 for stride in param.stride())
 
 
 def _refuse(name: str):

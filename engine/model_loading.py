@@ -10,10 +10,11 @@ and a pad token (the eos token when it has none).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
-from .errors import ModelSourceError
+from .errors import ModelSourceError, exception_text, import_hint
 from .model_source import ResolvedModel
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def load_base_model(resolved: ResolvedModel, precision: str, device: str,
     except (torch.OutOfMemoryError, MemoryError):
         raise ModelSourceError(f"Out of memory loading {resolved.display_name or resolved.model_path}"
                                f" at {precision} on {dev}.", _OOM_HINT) from None
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+    except Exception as exc:   # anything else is reported as what it is, never as a crash
         raise _load_error(resolved, exc) from None
     if precision == "4bit" and dev.type == "cpu":
         _disable_cpu_bf16_repacking(model)
@@ -88,10 +89,10 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.model_path,
                                                   trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise ModelSourceError(f"Cannot load the tokenizer of {resolved.model_path}: {exc}",
-                               "The model folder needs tokenizer.json or tokenizer_config.json "
-                               "(with its vocabulary files).") from None
+    except Exception as exc:
+        log.debug("tokenizer of %s", resolved.model_path, exc_info=True)
+        raise ModelSourceError(f"Cannot load the tokenizer of {resolved.model_path}: "
+                               f"{exception_text(exc)}", _tokenizer_hint(resolved, exc)) from None
     if tokenizer.eos_token is None:
         raise ModelSourceError(f"The tokenizer of {resolved.model_path} has no end-of-sequence "
                                "token, which separates documents in continued pretraining.",
@@ -101,6 +102,21 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
         # Padding is only used for eval/sample batches; every pad position is masked out.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _tokenizer_hint(resolved: ResolvedModel, exc: Exception) -> str:
+    """The files hint only where a local folder really lacks them; else what the error calls for."""
+    folder = Path(resolved.model_path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return ("The model folder needs tokenizer.json or tokenizer_config.json (with its "
+                "vocabulary files).")
+    if isinstance(exc, ImportError):
+        return import_hint(exc)
+    return ("The tokenizer files are there but could not be read: check they are complete, or "
+            "convert the model again. The log has the full traceback.")
 
 
 def _quantized_kwargs(precision: str, dev: torch.device) -> dict:
@@ -139,8 +155,11 @@ def _disable_cpu_bf16_repacking(model) -> None:
 
 
 def _load_error(resolved: ResolvedModel, exc: Exception) -> ModelSourceError:
+    log.debug("loading %s", resolved.model_path, exc_info=exc)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     where = resolved.display_name or resolved.model_path
+    if isinstance(exc, ImportError):
+        return ModelSourceError(f"Cannot load {where}: {exception_text(exc)}", import_hint(exc))
     if "out of memory" in text.lower():
         return ModelSourceError(f"Out of memory loading {where}.", _OOM_HINT)
     if isinstance(exc, (KeyError, ValueError)) and ("model_type" in text or "architecture" in text
@@ -153,5 +172,5 @@ def _load_error(resolved: ResolvedModel, exc: Exception) -> ModelSourceError:
         return ModelSourceError(f"Files of {where} are missing or unreadable: {text}",
                                 "Check the folder holds config.json and the weights "
                                 "(*.safetensors), or convert the model again.")
-    return ModelSourceError(f"Cannot load {where}: {text}",
+    return ModelSourceError(f"Cannot load {where}: {exception_text(exc)}",
                             "Check the model files, or pick another precision or model.")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .atomic import fsync_dir
-from .errors import ModelSourceError
+from .errors import ModelSourceError, exception_text, import_hint
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,9 @@ def convert_gguf(gguf: Path, models_dir: Path, progress: Progress = None) -> Pat
     except MemoryError:
         raise ModelSourceError(f"Not enough RAM to convert {gguf}.",
                                "Close other programs or pick a smaller model.") from None
+    except ImportError as exc:   # the file is not to blame: a package is missing or shadowed
+        raise ModelSourceError(f"Cannot convert {gguf}: {exception_text(exc)}",
+                               import_hint(exc)) from None
     except Exception as exc:   # a damaged file can fail anywhere in the GGUF parser
         hint = ("This GGUF architecture is not supported by transformers; pick a Hugging Face "
                 "folder of the model instead." if "not supported" in str(exc)
@@ -331,6 +334,9 @@ def describe_model(resolved: ResolvedModel, trust_remote_code: bool = False) -> 
         config = AutoConfig.from_pretrained(resolved.model_path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ImportError as exc:
+        raise ModelSourceError(f"Cannot read the model at {resolved.model_path}: "
+                               f"{exception_text(exc)}", import_hint(exc)) from None
     except (OSError, ValueError, KeyError) as exc:
         raise ModelSourceError(f"Cannot read the model at {resolved.model_path}: {exc}",
                                "Check the folder holds a causal language model; models with custom "

@@ -28,26 +28,38 @@ from typing import Iterator, Optional, Sequence
 from .events import Event, EventError, Log, RunFailed, RunFinished, RunStarted, from_json
 from .runs import COMMANDS, RunDir, process_alive, send_command
 
-WORKER_MODULE = "cpt_studio.engine.cli"
+# The worker's Python runs this instead of `-m cpt_studio.engine.cli`: `-m` and `-c` put the working
+# directory first on sys.path, and started from a source checkout our top-level kernels/ folder
+# would then shadow the `kernels` package that transformers >= 5.25 imports. The first entry is
+# dropped unless Python already left it out (-P / PYTHONSAFEPATH on 3.11+); 3.10 has no -P.
+WORKER_BOOT = ("import sys\n"
+               "if not getattr(sys.flags, 'safe_path', False):\n"
+               "    del sys.path[0]\n"
+               "from cpt_studio.engine.cli import main\n"
+               "sys.exit(main(sys.argv[1:]))\n")
 _EOF = object()
 _RESUME_HINT = "Checkpoints saved so far are kept: resume the run from the Runs page."
+
+
+def cli_argv(*args: str | Path, python: str | None = None) -> list[str]:
+    """argv of a Python process that runs `cpt-studio ARGS...` headless, whatever its working
+    directory (see WORKER_BOOT)."""
+    return [python or sys.executable, "-c", WORKER_BOOT, *(str(a) for a in args)]
 
 
 def worker_argv_train(config_path: str | Path, workspace: str | Path, *, python: str | None = None,
                       extra: Sequence[str] = ()) -> list[str]:
     """argv of a worker that trains a new run from a config file."""
-    return [python or sys.executable, "-m", WORKER_MODULE, "train", str(config_path),
-            "--workspace", str(workspace), "--events", "jsonl", *extra]
+    return cli_argv("train", config_path, "--workspace", workspace, "--events", "jsonl", *extra,
+                    python=python)
 
 
 def worker_argv_resume(run_id: str, workspace: str | Path, *, max_steps: int | None = None,
                        python: str | None = None, extra: Sequence[str] = ()) -> list[str]:
     """argv of a worker that resumes a run exactly from its last checkpoint."""
-    argv = [python or sys.executable, "-m", WORKER_MODULE, "resume", str(run_id),
-            "--workspace", str(workspace), "--events", "jsonl"]
-    if max_steps is not None:
-        argv += ["--max-steps", str(int(max_steps))]
-    return argv + list(extra)
+    steps = ["--max-steps", str(int(max_steps))] if max_steps is not None else []
+    return cli_argv("resume", run_id, "--workspace", workspace, "--events", "jsonl", *steps, *extra,
+                    python=python)
 
 
 def cli_command_text(config_path: str | Path, workspace: str | Path | None = None) -> str:

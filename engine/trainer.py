@@ -22,7 +22,7 @@ import torch
 from .atomic import publish_dir_atomic, write_text_atomic
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .control import ControlChannel
-from .errors import CptError
+from .errors import CptError, exception_text
 from .evaluation import evaluate_blocks, generate_samples
 from .events import (CheckpointSaved, EvalMetrics, Log, Phase, RunFailed, RunFinished, RunStarted,
                      Sample, StepMetrics)
@@ -61,7 +61,7 @@ def run_training(config, workspace, run_dir, sink, control: Optional[ControlChan
         return TrainResult("failed", step, None, "", 1)
     except Exception as exc:  # a crash: report it, keep the checkpoints, let the caller exit 1
         log.error("training crashed:\n%s", traceback.format_exc())
-        sink.emit(RunFailed(kind="crash", message=f"{type(exc).__name__}: {exc}",
+        sink.emit(RunFailed(kind="crash", message=exception_text(exc),
                             hint="See the log for the traceback; resume from the last checkpoint "
                                  "once the cause is fixed."))
         return TrainResult("failed", step, None, "", 1)
@@ -72,7 +72,7 @@ def first_step_note(kernel_summary: list, device: torch.device) -> str:
 
     With the kernels on a GPU, Triton compiles each kernel at its first launch: the backward's
     at the first training step (the evaluation before it compiles the forward's). On an H200 that
-    took 34 s of a 1B-shape run on a fresh machine (bench/RESULTS.md, session 8, call 6); Triton
+    took 34 s of a 1B-shape run on a fresh machine (bench/RESULTS.md, H200, 2026-11-28); Triton
     keeps them in its cache, so later runs start at once."""
     if not kernel_summary or torch.device(device).type != "cuda":
         return ""

@@ -1,4 +1,4 @@
-"""The desktop app: `cpt-studio` with no subcommand, or `python -m cpt_studio.studio.app`.
+"""The desktop app: `cpt-studio` with no subcommand, or `python -P -m cpt_studio.studio.app`.
 
     cpt-studio [--workspace DIR] [Qt options such as -platform offscreen]
 

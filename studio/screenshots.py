@@ -1,6 +1,6 @@
 """Regenerate the README screenshots (docs/screenshots/) from a REAL short run of the embedded default.
 
-    python -m cpt_studio.studio.screenshots --out docs/screenshots [--workspace DIR] [--time-limit S]
+    python -P -m cpt_studio.studio.screenshots --out docs/screenshots [--workspace DIR] [--time-limit S]
 
 Opens the main window offscreen at 1400x900 on the built-in SmolLM2-135M (its GGUF is converted once
 into the workspace: about a minute on a CPU) and the sample Esperanto corpus with the demo's settings
@@ -167,7 +167,7 @@ def _quiet_qt_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cpt_studio.studio.screenshots",
+    parser = argparse.ArgumentParser(prog="python -P -m cpt_studio.studio.screenshots",
                                      description="Regenerate the README screenshots from a real short run.")
     parser.add_argument("--out", default="docs/screenshots", help="Folder for the PNGs (default: %(default)s).")
     parser.add_argument("--workspace", metavar="DIR", default=None,

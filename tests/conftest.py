@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tiny_models import build_tiny_model, build_tiny_tokenizer
+# The repo root must never be on sys.path: our kernels/ folder would shadow the `kernels` package
+# that transformers >= 5.25 imports. The README's `.venv/bin/pytest` keeps it off; `python -m pytest`
+# run from the root puts it first, so it is taken out here, before anything imports transformers.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != REPO_ROOT]
+
+from tiny_models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 
 def _cuda_available() -> bool:

@@ -4,7 +4,7 @@ retention files, and a token count with the chosen model's tokenizer.
 Files are inspected and tokens counted in background threads; the table fills in as results come.
 With no training files the embedded sample corpus is used, and shown as its own row.
 
-    python -m cpt_studio.studio.pages.corpus_page      # preview this page on its own
+    python -P -m cpt_studio.studio.pages.corpus_page      # preview this page on its own
 """
 from __future__ import annotations
 

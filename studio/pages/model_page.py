@@ -5,7 +5,7 @@ Resolving and describing run in a background thread (a .gguf is converted once, 
 The result lands on the shared state as `state.resolved_model` / `state.model_info` (followed by
 `state.config_changed.emit("model")`) and is emitted as `model_described(info)`.
 
-    python -m cpt_studio.studio.pages.model_page      # preview this page on its own
+    python -P -m cpt_studio.studio.pages.model_page      # preview this page on its own
 """
 from __future__ import annotations
 

@@ -300,7 +300,7 @@ if __name__ == "__main__":
 
     app = QApplication(sys.argv)
     page = RunPage(StudioState(Workspace(tempfile.mkdtemp())))
-    if len(sys.argv) > 1:   # python -m cpt_studio.studio.pages.run_page runs/<id>/events.jsonl
+    if len(sys.argv) > 1:   # python -P -m cpt_studio.studio.pages.run_page runs/<id>/events.jsonl
         page.replay(from_json(l) for l in Path(sys.argv[1]).read_text().splitlines() if l.strip())
     page.resize(1280, 820)
     page.show()

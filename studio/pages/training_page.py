@@ -4,7 +4,7 @@ fields' metadata, plus the target modules of the chosen model and the two learni
 Save config… / Load config… read and write the same YAML as `cpt-studio train CONFIG.yaml`;
 Copy CLI command puts that command (for the current settings) on the clipboard.
 
-    python -m cpt_studio.studio.pages.training_page    # preview this page on its own
+    python -P -m cpt_studio.studio.pages.training_page    # preview this page on its own
 """
 from __future__ import annotations
 

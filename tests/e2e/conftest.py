@@ -49,3 +49,29 @@ def tiny_config(tiny_model_dir, corpus_dir):
         return cfg
 
     return make
+
+
+@pytest.fixture
+def window(qtbot, tmp_path_factory, tmp_path):
+    """The real MainWindow with the real pages and a real RunController on a fresh workspace, its
+    settings in a fresh folder (nothing from earlier launches)."""
+    from PySide6.QtCore import QSettings
+
+    from cpt_studio.engine.runs import Workspace
+    from cpt_studio.studio.main_window import MainWindow
+    from cpt_studio.studio.runtime import configure_runtime
+    from cpt_studio.studio.state import StudioState
+
+    configure_runtime()
+    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope,
+                      str(tmp_path_factory.mktemp("qsettings")))
+    QSettings().clear()
+    win = MainWindow(StudioState(Workspace(tmp_path / "workspace")))
+    qtbot.addWidget(win)
+    yield win
+    controller = win.controller
+    if controller.busy:          # a failed assertion mid-run: end the worker before the window closes
+        controller.kill()
+        qtbot.waitUntil(lambda: not controller.busy, timeout=30_000)
+    controller.detach()

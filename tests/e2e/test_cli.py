@@ -1,16 +1,19 @@
 """The headless CLI as a user (or the GUI's worker) runs it: a real subprocess, real files."""
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from cpt_studio.engine.events import CheckpointSaved, RunFailed, RunFinished, StepMetrics, from_json
+from cpt_studio.engine.runner import cli_argv
 
-CLI = [sys.executable, "-m", "cpt_studio.engine.cli"]
+CLI = cli_argv()   # what the GUI starts: `cpt-studio ...` whatever the working directory
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(args, **kw):
@@ -41,6 +44,26 @@ def test_train_jsonl_then_runs_lists_it(tmp_path, tiny_config):
     assert (merged / "model.safetensors").is_file() and (merged / "export_info.json").is_file()
     again = _run(["export", row["id"], "--dtype", "fp32", "--workspace", ws])
     assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
+
+
+def test_the_worker_trains_when_started_from_the_repo_root(tmp_path, tiny_config):
+    """The GUI starts its worker in its own working directory, often this checkout. transformers
+    >= 5.25 imports Hugging Face's `kernels` package; our kernels/ folder must not stand in for it."""
+    needs_kernels = any(r.split(";")[0].strip().startswith("kernels")
+                        for r in importlib.metadata.requires("transformers") or [])
+    if needs_kernels:        # the trap is real here: a plain `python -c` from the root falls in it
+        plain = subprocess.run([CLI[0], "-c", "import transformers.modeling_utils"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=300)
+        assert plain.returncode != 0 and "kernels" in plain.stderr
+        spec = importlib.util.find_spec("kernels")
+        assert spec is not None and Path(spec.origin).parent != REPO_ROOT / "kernels"
+    cfg_path = tmp_path / "run.yaml"
+    tiny_config(max_steps=2).save(cfg_path)
+    out = _run(["train", str(cfg_path), "--workspace", str(tmp_path / "ws"), "--events", "jsonl"],
+               cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    events = [from_json(line) for line in out.stdout.splitlines()]
+    assert isinstance(events[-1], RunFinished) and events[-1].step == 2
 
 
 def test_human_progress_output(tmp_path, tiny_config):

@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from cpt_studio.engine.events import EvalMetrics, RunFinished, RunStarted, Sample, from_json
+from cpt_studio.engine.runner import cli_argv
 
 
 def test_demo_lowers_heldout_perplexity_and_leaves_a_loadable_adapter(tmp_path):
     ws = tmp_path / "ws"
-    out = subprocess.run([sys.executable, "-m", "cpt_studio.engine.cli", "demo", "--max-steps", "6",
-                          "--workspace", str(ws), "--events", "jsonl"],
+    out = subprocess.run(cli_argv("demo", "--max-steps", "6", "--workspace", ws, "--events", "jsonl"),
                          capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-3000:]
     events = [from_json(line) for line in out.stdout.splitlines()]

@@ -13,38 +13,15 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from PySide6.QtCore import QSettings, Qt  # noqa: E402
+from PySide6.QtCore import Qt  # noqa: E402
 from PySide6.QtWidgets import QDialogButtonBox  # noqa: E402
 
 from cpt_studio.engine.events import RunFinished, StepMetrics  # noqa: E402
-from cpt_studio.engine.runs import Workspace  # noqa: E402
 from cpt_studio.studio.pages.runs_widgets import ContinueDialog  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 WAIT_MS = 120_000            # generous: a loaded 2-core machine imports torch slowly
-
-
-@pytest.fixture
-def window(qtbot, tmp_path_factory, tmp_path):
-    """The real MainWindow with the real pages and a real RunController on a fresh workspace."""
-    from cpt_studio.studio.main_window import MainWindow
-    from cpt_studio.studio.runtime import configure_runtime
-    from cpt_studio.studio.state import StudioState
-
-    configure_runtime()
-    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope,
-                      str(tmp_path_factory.mktemp("qsettings")))
-    QSettings().clear()
-    win = MainWindow(StudioState(Workspace(tmp_path / "workspace")))
-    qtbot.addWidget(win)
-    yield win
-    controller = win.controller
-    if controller.busy:          # a failed assertion mid-run: end the worker before the window closes
-        controller.kill()
-        qtbot.waitUntil(lambda: not controller.busy, timeout=30_000)
-    controller.detach()
 
 
 def loss_points(run_page) -> list[float]:

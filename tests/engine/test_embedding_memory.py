@@ -112,6 +112,11 @@ def test_freeing_releases_the_frozen_originals_and_changes_no_output(tied):
     assert freed == (1 if tied else 2) * VOCAB * 32 * 2   # bf16, a tied matrix once
     gc.collect()
     assert all(ref() is None for ref in originals.values())
+    # Nothing is left on `meta` for other code to trip on: every parameter, the placeholders too,
+    # is on the model's device, and a placeholder holds one element.
+    assert {p.device.type for p in model.parameters()} == {"cpu"} and base.device.type == "cpu"
+    placeholder = base.model.embed_tokens.original_module.weight
+    assert placeholder.shape == (VOCAB, 32) and placeholder.untyped_storage().nbytes() == 2
     with torch.no_grad(), autocast:
         assert torch.equal(model(input_ids=batch).logits, before)
     assert free_frozen_originals(model) == 0                      # twice is harmless

@@ -121,3 +121,77 @@ def test_4bit_lora_gradients_after_an_eval_forward_match_a_float_reference(quant
             assert (param.grad - ref).norm() / ref.norm() < 1e-3, name
     layer0 = [p.grad for n, p in peft4.named_parameters() if ".layers.0." in n and p.requires_grad]
     assert len(layer0) == 14 and all(g.abs().sum() > 0 for g in layer0)
+
+
+# ---- what a failure while loading says -----------------------------------------------------------
+SHADOW = "/home/me/src/cpt-studio/kernels/__init__.py"
+
+
+def _shadowed(*args, **kwargs):
+    raise ImportError(f"cannot import name 'CUDAProperties' from 'kernels' ({SHADOW})",
+                      name="kernels", path=SHADOW)
+
+
+def test_an_import_error_is_named_and_not_blamed_on_the_tokenizer_files(tiny_model_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", _shadowed)
+    with pytest.raises(ModelSourceError) as err:
+        load_base_model(folder(tiny_model_dir("llama")), "fp32", "cpu")
+    assert "ImportError" in err.value.message and "'kernels'" in err.value.message
+    assert SHADOW in err.value.message
+    assert "tokenizer.json" not in err.value.hint          # the files are there
+    assert "another folder" in err.value.hint and SHADOW in err.value.hint
+
+
+def test_the_tokenizer_files_hint_only_where_they_are_missing(tmp_path, tiny_model_dir):
+    shutil.copytree(tiny_model_dir("llama"), tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "m" / name).unlink()
+    with pytest.raises(ModelSourceError) as err:
+        load_base_model(folder(tmp_path / "m"), "fp32", "cpu")
+    assert "tokenizer.json" in err.value.hint
+
+
+def test_an_unexpected_error_in_from_pretrained_says_what_and_where(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def broken(*args, **kwargs):
+        return 1 / 0
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", broken)
+    with pytest.raises(ModelSourceError) as err:
+        load_base_model(folder(tiny_model_dir("llama")), "fp32", "cpu")
+    assert "ZeroDivisionError" in err.value.message
+    assert "raised in" in err.value.message and "test_model_loading.py" in err.value.message
+
+
+# ---- transformers' hub kernels never run -----------------------------------------------------------
+def test_transformers_hub_kernels_never_run(tiny_model_dir, monkeypatch):
+    """transformers >= 5.25 kernelizes models with code from the hub when the `kernels` package is
+    installed (at load, and again on model.train()); the engine turns that off for its process."""
+    import importlib.util
+    import os
+
+    from cpt_studio.engine.embedding_memory import free_frozen_originals
+
+    calls = []
+    if importlib.util.find_spec("kernels") is not None:
+        import kernels
+        from transformers.integrations import hub_kernels
+
+        monkeypatch.setattr(kernels, "kernelize", lambda *a, **k: calls.append("kernels"))
+        monkeypatch.setattr(hub_kernels, "kernelize", lambda *a, **k: calls.append("transformers"),
+                            raising=False)
+    assert os.environ["USE_HUB_KERNELS"] == "0"
+    model, tokenizer = load_base_model(folder(tiny_model_dir("llama")), "fp32", "cpu")
+    assert not getattr(model, "use_kernels", False)
+    peft_model = attach_adapters(model, AdapterConfig(r=4, alpha=8, embed_tokens="full",
+                                                      lm_head="full"))
+    free_frozen_originals(peft_model)
+    ids = tokenizer("Continued pretraining", return_tensors="pt").input_ids
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    peft_model.eval()
+    peft_model.train()
+    assert calls == [] and not getattr(model, "use_kernels", False)

@@ -9,7 +9,7 @@ from pathlib import Path
 from cpt_studio.engine.config import RunConfig
 from cpt_studio.engine.events import (CheckpointSaved, Log, RunFailed, RunFinished, RunStarted,
                                       StepMetrics, from_json)
-from cpt_studio.engine.runner import (AttachedRun, WorkerProcess, cli_command_text,
+from cpt_studio.engine.runner import (WORKER_BOOT, AttachedRun, WorkerProcess, cli_command_text,
                                       worker_argv_resume, worker_argv_train)
 from cpt_studio.engine.runs import Workspace
 
@@ -85,7 +85,7 @@ def test_a_missing_worker_program_fails_with_a_hint():
 
 def test_argv_helpers_and_the_copyable_command(tmp_path):
     argv = worker_argv_train(tmp_path / "a b.yaml", tmp_path)
-    assert argv[:4] == [sys.executable, "-m", "cpt_studio.engine.cli", "train"]
+    assert argv[:4] == [sys.executable, "-c", WORKER_BOOT, "train"]
     assert argv[-2:] == ["--events", "jsonl"]
     resume = worker_argv_resume("20240101-000000-x", tmp_path, max_steps=50)
     assert resume[3:5] == ["resume", "20240101-000000-x"] and resume[-2:] == ["--max-steps", "50"]
