@@ -41,6 +41,12 @@ weight was repacked for bitsandbytes' AVX512-BF16 CPU inference kernel
 (`quant_state.packing_format_for_cpu`: a layout dequantize_4bit does not read; the loader turns
 that repacking off, engine/model_loading.py). tests/engine/test_lora_forward.py checks loss and every
 trainable gradient against peft's forward.
+
+Upstream versions (engine/upstream.py, checked by engine/patching.py before binding): peft's
+forward of the layer (lora.Linear / lora.bnb.Linear4bit, and the _cast_input_dtype it calls) must be
+one we know, and under a 4-bit layer so must bitsandbytes' Linear4bit.forward, which the fused
+function does by hand; else the layer stays peft's (`library_code_changed`). engine/lora_group.py
+groups only layers that took the fused function, so it inherits these checks.
 """
 from __future__ import annotations
 
@@ -52,6 +58,8 @@ from torch import nn
 
 from cpt_studio.kernels.dispatch import use_triton
 from cpt_studio.kernels.nf4_dequant import nf4_dequant
+
+from . import upstream
 
 LEAN_LABELS = {"linear": "LoRA Linear (lean fused add)",
                "4bit": "LoRA Linear4bit (fused 4-bit LoRA function)"}
@@ -116,6 +124,21 @@ def lean_adapter(module: nn.Module) -> str | None:
     if type(module.lora_dropout[name]) is not nn.Identity or getattr(module, "fan_in_fan_out", False):
         return None
     return name
+
+
+def library_code_changed(module: nn.Module) -> str | None:
+    """Why this LoRA layer must stay peft's (upstream.check's reason, logged once), or None: peft's
+    forward (and the _cast_input_dtype it calls) is not one the lean / fused forwards reproduce,
+    or, under a 4-bit layer, bitsandbytes' Linear4bit.forward is not the one LoRA4bitLinearFunction
+    does by hand (the lean path is no refuge there: it adds in place into that forward's output)."""
+    kind = lora_layer_kind(module)
+    key = "lora.bnb.Linear4bit.forward" if kind == "4bit" else "lora.Linear.forward"
+    checks = [(key, type(module).forward),
+              ("BaseTunerLayer._cast_input_dtype", type(module)._cast_input_dtype)]
+    reason = upstream.check_all(checks, off=upstream.KNOWN[key].off)
+    if reason is None and kind == "4bit":
+        reason = upstream.check("bnb.Linear4bit.forward", type(module.base_layer).forward)
+    return reason
 
 
 def make_lean_forward(module: nn.Module, name: str, fallback):

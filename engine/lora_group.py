@@ -24,7 +24,9 @@ when it is called with that same x object (transformers' attention calls q, k, v
 one hidden state; the patched MLP calls gate then up). A member called with another x, or twice,
 drops what is kept and computes on its own, as before. A group
 is used only when each member would take the fused 4-bit function now, all with one compute dtype
-and one scaling, and not under lora_forward.value_unused.
+and one scaling, and not under lora_forward.value_unused. Only layers bound with the fused 4-bit
+forward are grouped, so a layer whose peft or bitsandbytes code is not a version engine/upstream.py
+knows (left as peft's by engine/patching.py) is never a member.
 """
 from __future__ import annotations
 

@@ -43,6 +43,12 @@ tensor requiring grad, a device other than cuda/cpu. Without grad enabled the la
 
 Like every reentrant checkpoint, the recompute's gradients are accumulated into `.grad` by an
 inner backward: `torch.autograd.grad(loss, params)` does not see them, use `loss.backward()`.
+
+The layer switch relies on how transformers' GradientCheckpointingLayer calls its checkpoint
+function: `_gradient_checkpointing_func(partial(forward, **kwargs), *args)`, the hidden state first
+(`__call__` up to 5.22, the subclass' forward from 5.23). When that class is not a version
+engine/upstream.py knows, nothing is switched: transformers' own (non-offloaded) checkpointing
+runs, with one warning in the log.
 """
 from __future__ import annotations
 
@@ -56,6 +62,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from . import upstream
 
 log = logging.getLogger(__name__)
 
@@ -336,8 +344,11 @@ def enable_offloaded_checkpointing(model: nn.Module) -> int:
 
     Call after `model.gradient_checkpointing_enable(...)`; a second call only switches layers
     that transformers' function was set on again. Returns the number of layers now offloaded
-    (0 when gradient checkpointing is off).
+    (0 when gradient checkpointing is off, or when transformers' GradientCheckpointingLayer is not
+    a version engine/upstream.py knows: the layers keep transformers' checkpointing).
     """
+    if any(True for _ in _checkpoint_layers(model)) and library_code_changed():
+        return 0
     owner = _state_owner(model)
     state = getattr(owner, _STATE_ATTR, None)
     if state is None:
@@ -354,6 +365,14 @@ def enable_offloaded_checkpointing(model: nn.Module) -> int:
         setattr(owner, _STATE_ATTR, state)
         log.info("checkpointed layer inputs of %d layers go to host memory", switched)
     return switched
+
+
+def library_code_changed() -> str | None:
+    """Why transformers' GradientCheckpointingLayer is not the one this module was written for
+    (upstream.check's reason, logged once), or None."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return upstream.check("GradientCheckpointingLayer", GradientCheckpointingLayer)
 
 
 def disable_offloaded_checkpointing(model: nn.Module) -> int:

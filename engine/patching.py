@@ -26,6 +26,12 @@ transformers are never touched, nothing happens at import time):
 - the loss: `patch.loss` runs the decoder body, then the chunked fused lm_head + cross-entropy
   with the head's weight: a plain Linear, peft's modules_to_save copy (fully trained), a peft
   lora.Linear on a frozen weight, or the tied-embedding LoRA head of engine.adapters.
+
+Each replaced library function is first checked against the versions it was written for
+(engine/upstream.py: the RMSNorm / MLP / SiLU forwards, apply_rotary_pos_emb and rotate_half, the
+causal LM forward and its loss function, peft's model, modules_to_save and LoRA forwards,
+bitsandbytes' Linear4bit forward). One that changed leaves its modules on the library's code, with
+one warning in the log and the same line in `summary()`.
 """
 from __future__ import annotations
 
@@ -37,6 +43,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import upstream
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,11 @@ class LmHead:
 
 class UnsupportedHead(Exception):
     """The output head has a form the fused loss does not handle (the plain loss is used)."""
+
+
+class HeadCodeChanged(UnsupportedHead):
+    """peft's code for the head's wrapper is not a version resolve_lm_head was written for; the
+    message is upstream.check's reason."""
 
 
 @dataclass
@@ -143,37 +156,77 @@ def apply_kernels(model: nn.Module, enabled: bool = True, backend: str = "auto",
         if not name.startswith(_CLASS_PREFIXES):
             continue
         if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            _bind(patch, module, rmsnorm_forward, f"RMSNorm ({impl})")
+            changed = upstream.check("RMSNorm.forward", type(module).forward)
+            if not _noted(patch, changed):
+                _bind(patch, module, rmsnorm_forward, f"RMSNorm ({impl})")
         elif name.endswith("MLP") and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            if type(getattr(module, "act_fn", None)).__name__ in _SILU_CLASSES:
-                _bind(patch, module, mlp_forward, f"SwiGLU MLP ({impl})")
+            act = getattr(module, "act_fn", None)
+            if type(act).__name__ in _SILU_CLASSES:
+                checks = [("MLP.forward", type(module).forward)]
+                if type(act) is not nn.SiLU:   # transformers' SiLUActivation
+                    checks.append(("SiLUActivation.forward", type(act).forward))
+                if not _noted(patch, upstream.check_all(checks)):
+                    _bind(patch, module, mlp_forward, f"SwiGLU MLP ({impl})")
     _patch_rope(patch, model, backend, f"RoPE ({impl})")
     _patch_lora_layers(patch, model)
     _group_lora_layers(patch, model)
-    try:
-        head = resolve_lm_head(causal_lm)
-        patch.fused_loss = True
-        patch.notes.append(f"lm_head + cross-entropy: fused and chunked ({head.kind} head)")
-    except UnsupportedHead as exc:
-        patch.notes.append(f"lm_head + cross-entropy: not fused ({exc})")
+    if not _noted(patch, _loss_code_changed(model, causal_lm)):
+        try:
+            head = resolve_lm_head(causal_lm)
+            patch.fused_loss = True
+            patch.notes.append(f"lm_head + cross-entropy: fused and chunked ({head.kind} head)")
+        except HeadCodeChanged as exc:
+            _noted(patch, str(exc))
+        except UnsupportedHead as exc:
+            patch.notes.append(f"lm_head + cross-entropy: not fused ({exc})")
     log.info("kernels: %s", "; ".join(patch.summary()))
     return patch
 
 
+def _noted(patch: KernelPatch, reason: str | None) -> bool:
+    """Adds an upstream.check reason to the patch's notes once; True when there was one."""
+    if reason and reason not in patch.notes:
+        patch.notes.append(reason)
+    return bool(reason)
+
+
+def _loss_code_changed(model: nn.Module, causal_lm: nn.Module) -> str | None:
+    """Why the fused loss may not stand in for model(...).loss here (upstream.check), or None.
+
+    It runs the causal LM's body and its own lm_head + cross-entropy, skipping the causal LM's
+    forward, its loss function and peft's model wrappers (PeftModel[ForCausalLM], LoraModel).
+    """
+    loss_fn = getattr(causal_lm, "loss_function", None)
+    checks = [("ForCausalLM.forward", type(causal_lm).forward), ("ForCausalLMLoss", loss_fn)]
+    if "fixed_cross_entropy" in getattr(getattr(loss_fn, "__code__", None), "co_names", ()):
+        checks.append(("fixed_cross_entropy", loss_fn.__globals__.get("fixed_cross_entropy")))
+    if model is not causal_lm:   # a PeftModel: its forward and its tuner's
+        checks.append(("PeftModel.forward", type(model).forward))
+        tuner = getattr(model, "base_model", None)
+        if tuner is not None and tuner is not causal_lm:
+            checks.append(("BaseTuner.forward", type(tuner).forward))
+    return upstream.check_all(checks)
+
+
 def _patch_rope(patch: KernelPatch, model: nn.Module, backend: str, label: str) -> None:
     """Binds on every attention module a copy of its class's forward that runs kernels.apply_rope
-    (engine/rope_patch.py); modules whose forward cannot take it are counted in a note."""
-    from .rope_patch import rope_forwards
+    (engine/rope_patch.py); modules whose forward cannot take it are counted in a note (an
+    upstream.check reason is noted as it is)."""
+    from .rope_patch import ROPE_OFF, rope_forwards
 
     forwards, left = rope_forwards(model, _CLASS_PREFIXES, backend)
     for module, forward in forwards:
         _bind(patch, module, forward, label)
     for reason, n in left.items():
-        patch.notes.append(f"RoPE left as transformers': {n} attention modules ({reason})")
+        if reason.startswith(ROPE_OFF):
+            _noted(patch, reason)
+        else:
+            patch.notes.append(f"RoPE left as transformers': {n} attention modules ({reason})")
 
 
 def _patch_lora_layers(patch: KernelPatch, model: nn.Module) -> None:
-    from .lora_forward import LEAN_LABELS, lean_adapter, lora_layer_kind, make_lean_forward
+    from .lora_forward import (LEAN_LABELS, lean_adapter, library_code_changed, lora_layer_kind,
+                               make_lean_forward)
 
     left = 0
     for module in model.modules():
@@ -183,6 +236,8 @@ def _patch_lora_layers(patch: KernelPatch, model: nn.Module) -> None:
         name = lean_adapter(module)
         if name is None:
             left += 1
+            continue
+        if _noted(patch, library_code_changed(module)):   # not the code our forwards reproduce
             continue
         current = module.__dict__.get("forward")
         fallback = current if current is not None else types.MethodType(type(module).forward, module)
@@ -240,6 +295,7 @@ def resolve_lm_head(causal_lm: nn.Module) -> LmHead:
     Raises:
         UnsupportedHead: a quantized head, a bias, DoRA or another LoRA variant, several active
             adapters, or a module kind not listed in the module docstring.
+        HeadCodeChanged: peft's modules_to_save or LoRA Linear forward is not a known version.
     """
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import ModulesToSaveWrapper
@@ -249,6 +305,8 @@ def resolve_lm_head(causal_lm: nn.Module) -> LmHead:
     head = causal_lm.get_output_embeddings()
     kind = ""
     if isinstance(head, ModulesToSaveWrapper):
+        _check_head_code([("AuxiliaryTrainingWrapper.forward", type(head).forward),
+                          ("ModulesToSaveWrapper._forward_wrapped", type(head)._forward_wrapped)])
         active = head.active_adapters
         if head.disable_adapters or not active or any(a not in head._adapters for a in active):
             head = head.original_module
@@ -267,6 +325,8 @@ def resolve_lm_head(causal_lm: nn.Module) -> LmHead:
         return LmHead(weight, "tied, LoRA", emb.lora_embedding_B[n].t(), emb.lora_embedding_A[n].t(),
                       float(emb.scaling[n]), emb.lora_dropout[n] if n in emb.lora_dropout else None)
     if isinstance(head, LoraLayer):
+        _check_head_code([("lora.Linear.forward", type(head).forward),
+                          ("BaseTunerLayer._cast_input_dtype", type(head)._cast_input_dtype)])
         weight = _plain_weight(head.get_base_layer())
         if head.disable_adapters or head.merged:
             return LmHead(weight, "frozen")
@@ -282,6 +342,12 @@ def resolve_lm_head(causal_lm: nn.Module) -> LmHead:
                       float(head.scaling[n]), head.lora_dropout[n])
     weight = _plain_weight(head)
     return LmHead(weight, kind or ("trained" if weight.requires_grad else "frozen"))
+
+
+def _check_head_code(checks) -> None:
+    reason = upstream.check_all(checks, off="fused lm_head + cross-entropy")
+    if reason:
+        raise HeadCodeChanged(reason)
 
 
 def _plain_weight(module) -> torch.Tensor:

@@ -12,6 +12,16 @@ The globals are a snapshot taken now: rebinding a name in the modeling module la
 by the copies. A forward that does not call `apply_rotary_pos_emb` from its globals, or one
 with parameters other than (q, k, cos, sin[, position_ids][, unsqueeze_dim]), is left as it is,
 with the reason. engine/patching.py binds the copies (and undoes them on revert).
+
+The kernel computes q cos + rotate_half(q) sin with rotate_half = cat(-x2, x1) over the halves of
+the head dimension. So the `apply_rotary_pos_emb` found, and the `rotate_half` of its own globals,
+must be versions engine/upstream.py knows; otherwise the attention stays transformers' with the
+reason "RoPE kernel off: transformers X changed ...". With the `kernels` package installed (0.19
+with transformers 5.25 here), the modeling module holds `apply_rotary_pos_emb` as a kernels Func
+module (`use_kernel_forward_from_hub("rotary_pos_emb")`): the function inside it is checked and
+stood in for (upstream.unwrap_hub_func); the attention class' `use_kernelized_func` wrapper around
+forward is a functools.wraps decorator, copied like the others. The stand-in replaces the whole
+call, so neither a hub kernel nor the Func's dispatch runs in a patched attention.
 """
 from __future__ import annotations
 
@@ -22,8 +32,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import upstream
+
 _ROPE_GLOBAL = "apply_rotary_pos_emb"  # the global transformers' attention forwards call
 _ROPE_ARGS = ("q", "k", "cos", "sin")
+ROPE_OFF = upstream.KNOWN[_ROPE_GLOBAL].off + " off:"   # how an upstream.check reason starts
 
 
 def rope_forwards(model: nn.Module, class_prefixes: tuple[str, ...], backend: str):
@@ -64,13 +77,14 @@ def _forward_with_rope_kernel(forward, backend: str) -> types.FunctionType:
 
     Raises:
         NoRopeHook: no function in the chain calls apply_rotary_pos_emb from its globals, a
-            decorator does not hold the function it wraps in its closure, or the original
-            apply_rotary_pos_emb has parameters the kernel does not take.
+            decorator does not hold the function it wraps in its closure, the original
+            apply_rotary_pos_emb (or its rotate_half) is not a version engine/upstream.py knows,
+            or it has parameters the kernel does not take.
     """
     if not isinstance(forward, types.FunctionType):
         raise NoRopeHook(f"forward is a {type(forward).__name__}, not a Python function")
     if _ROPE_GLOBAL in forward.__code__.co_names and callable(forward.__globals__.get(_ROPE_GLOBAL)):
-        stand_in = _rope_stand_in(forward.__globals__[_ROPE_GLOBAL], backend)
+        stand_in = _rope_stand_in(_known_rope(forward.__globals__[_ROPE_GLOBAL]), backend)
         return _copy_function(forward, {**forward.__globals__, _ROPE_GLOBAL: stand_in}, forward.__closure__)
     inner = getattr(forward, "__wrapped__", None)
     if inner is None:
@@ -80,6 +94,26 @@ def _forward_with_rope_kernel(forward, backend: str) -> types.FunctionType:
     copy = _copy_function(forward, forward.__globals__, _closure_swapping(forward, inner, inner_copy))
     copy.__wrapped__ = inner_copy
     return copy
+
+
+def _known_rope(original) -> types.FunctionType:
+    """The plain apply_rotary_pos_emb inside `original` (a kernels Func module or the function),
+    checked with its rotate_half against engine/upstream.py.
+
+    Raises:
+        NoRopeHook: the Func holds no function, or the code is not a known version (the message is
+            upstream.check's one-line reason).
+    """
+    try:
+        fn = upstream.unwrap_hub_func(original)
+    except ValueError as exc:
+        raise NoRopeHook(upstream.warn_once(f"{ROPE_OFF} {exc}")) from None
+    # a known apply_rotary_pos_emb calls rotate_half from its module's globals
+    reason = upstream.check(_ROPE_GLOBAL, fn) or upstream.check(
+        "rotate_half", getattr(fn, "__globals__", {}).get("rotate_half"))
+    if reason:
+        raise NoRopeHook(reason)
+    return fn
 
 
 def _closure_swapping(wrapper: types.FunctionType, old, new) -> tuple:
