@@ -97,6 +97,4 @@ def _short_path(filename: str) -> str:
     for marker in ("site-packages", "dist-packages"):
         if marker in parts:
             return "/".join(parts[parts.index(marker) + 1:])
-    if "cpt_studio" in parts:
-        return "/".join(parts[parts.index("cpt_studio"):])
-    return "/".join(parts[-2:])
+    return "/".join(parts[-2:])   # a source checkout: folder/file.py
