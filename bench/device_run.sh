@@ -39,12 +39,12 @@ export PYTHONUNBUFFERED=1 CPT_BENCH_CACHE=/tmp/cpt_bench_models
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm --format=csv,noheader \
     || say "no nvidia-smi (CPU check)"
 # From /tmp: with the repo root as cwd, python -c would see ./kernels as a top-level package.
-(cd /tmp && python3 -c "import torch, transformers, peft, bitsandbytes, triton, cpt_studio.engine.training_setup
+(cd /tmp && python3 -c "import torch, transformers, peft, bitsandbytes, triton, cpt_studio.engine.train.setup
 print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__,
       '| peft', peft.__version__, '| bitsandbytes', bitsandbytes.__version__, bitsandbytes.__file__,
       '| triton', triton.__version__, '| cpt_studio', cpt_studio.engine.__path__[0])
 try:
-    import cpt_studio.engine.patching
+    import cpt_studio.engine.speed.patching
 except ImportError as exc:
     print('WARNING: engine kernels cannot load (KERNELS=auto will fail on CUDA):', exc)") \
     || { say "imports failed"; return 1; }

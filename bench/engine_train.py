@@ -57,11 +57,11 @@ def run_config(args, batch: int, seq: int, device: torch.device):
 
 def setup(cfg, device: torch.device):
     """What setup_training does before the data: model, adapters, optimizer, loss function."""
-    from cpt_studio.engine.adapters import attach_adapters
-    from cpt_studio.engine.model_loading import load_base_model
-    from cpt_studio.engine.model_source import resolve_model_source
-    from cpt_studio.engine.optim import build_optimizer
-    from cpt_studio.engine.training_setup import (_make_loss_fn, enable_checkpointing,
+    from cpt_studio.engine.model.adapters import attach_adapters
+    from cpt_studio.engine.model.loading import load_base_model
+    from cpt_studio.engine.model.source import resolve_model_source
+    from cpt_studio.engine.train.optim import build_optimizer
+    from cpt_studio.engine.train.setup import (_make_loss_fn, enable_checkpointing,
                                                   prepare_embeddings)
 
     # models_dir is only written for .gguf sources; a model folder resolves to itself.
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--dense-embedding-grad", action="store_true",
                         help="training.sparse_embedding_grad off")
     parser.add_argument("--ungrouped-lora", action="store_true",
-                        help="bench only: engine.lora_group.ENABLED off (q/k/v and gate/up each "
+                        help="bench only: engine.speed.lora_group.ENABLED off (q/k/v and gate/up each "
                              "their own fused 4-bit function), to measure the grouping")
     parser.add_argument("--sdpa-backend", choices=("auto", "cudnn", "flash", "efficient", "math"),
                         default="auto", help="bench only: torch's attention backend for the steps")
@@ -120,7 +120,7 @@ def main() -> None:
                         help="training.free_frozen_embeddings off")
     args = parser.parse_args()
     if args.ungrouped_lora:
-        from cpt_studio.engine import lora_group
+        from cpt_studio.engine.speed import lora_group
 
         lora_group.ENABLED = False
     batch, seq = common.resolve_sizes(args)
@@ -143,7 +143,7 @@ def main() -> None:
         common.log(f"engine: loaded in {result['load_s']:.1f}s ({cfg.model.precision}, "
                    f"kernels {args.kernels}: {len(kernels)} applied), training {args.steps} steps "
                    f"of {batch}x{seq}")
-        from cpt_studio.engine.grad_clip import clip_grad_norm
+        from cpt_studio.engine.train.grad_clip import clip_grad_norm
 
         with _sdpa_backend(args.sdpa_backend):
             result.update(common.run_steps(loss_fn, optimizer, model, batches, args.warmup, device,

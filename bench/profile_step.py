@@ -72,7 +72,7 @@ def setup_side(args, device):
         cfg = engine_train.run_config(args, batch, seq, device)
         model, optimizer, _groups, loss_fn, kernels, _emb = engine_train.setup(cfg, device)
         _range_fused_ce()
-        from cpt_studio.engine.grad_clip import clip_grad_norm
+        from cpt_studio.engine.train.grad_clip import clip_grad_norm
 
         return loss_fn, optimizer, model, {"kernels": [str(k) for k in kernels],
                                            "precision": cfg.model.precision, "clip": clip_grad_norm}
@@ -275,7 +275,7 @@ def classify(name: str, op: Ev | None, chain: list[str], vocab: int, rank: int, 
     if gemm:
         if in_ce or vocab in dims:
             return "lm_head + CE: GEMMs"
-        # engine/lora_group.py stacks 2 or 3 adapters' A: its GEMMs have 2r or 3r in a dim
+        # engine/speed/lora_group.py stacks 2 or 3 adapters' A: its GEMMs have 2r or 3r in a dim
         lora = any(k * rank in dims for k in (1, 2, 3))
         return "GEMM: LoRA (r=16)" if lora else "GEMM: base projections (bf16)"
     if in_ce or vocab in dims:

@@ -115,15 +115,15 @@ def _quiet_libraries() -> None:
 
 
 def _workspace(args):
-    from .runs import Workspace
+    from .runs.store import Workspace
     return Workspace(args.workspace)
 
 
 def _train(config, args, resume_run) -> int:
-    from .control import ControlChannel
-    from .runs import take_command
-    from .sinks import FanOut, JsonLinesSink, RunFolderSink
-    from .trainer import run_training
+    from .runs.control import ControlChannel
+    from .runs.store import take_command
+    from .runs.sinks import FanOut, JsonLinesSink, RunFolderSink
+    from .train.loop import run_training
 
     workspace = _workspace(args)
     if resume_run is not None:
@@ -138,7 +138,7 @@ def _train(config, args, resume_run) -> int:
     if machine:
         front = JsonLinesSink(sys.stdout)
     else:
-        from .console_progress import ConsoleProgress
+        from .runs.console_progress import ConsoleProgress
         front = ConsoleProgress(sys.stdout)
     sink = FanOut(RunFolderSink(run_dir), front)
     control = ControlChannel(lambda: take_command(run_dir))
@@ -159,7 +159,7 @@ def _train(config, args, resume_run) -> int:
 
 def _refresh_index(workspace) -> None:
     try:
-        from .run_index import RunIndex
+        from .runs.index import RunIndex
         RunIndex(workspace).refresh()
     except Exception as exc:  # the index is a cache; the run folders stay the truth
         log.warning("could not refresh the run index: %s", exc)
@@ -168,7 +168,7 @@ def _refresh_index(workspace) -> None:
 def _cmd_export(args) -> int:
     from pathlib import Path
 
-    from .export import export_merged
+    from .model.export import export_merged
 
     last = [""]
 
@@ -186,7 +186,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_runs(args) -> int:
-    from .run_index import RunIndex
+    from .runs.index import RunIndex
 
     index = RunIndex(_workspace(args))
     index.refresh()

@@ -13,7 +13,7 @@ import sys
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from cpt_studio.engine.errors import CptError
-from cpt_studio.engine.runs import Workspace
+from cpt_studio.engine.runs.store import Workspace
 
 from . import theme
 from .main_window import MainWindow

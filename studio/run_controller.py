@@ -24,9 +24,9 @@ from PySide6.QtCore import QObject, QThread, QTimer, Signal
 
 from cpt_studio.engine.config import RunConfig, validate
 from cpt_studio.engine.errors import ConfigError, CptError
-from cpt_studio.engine.events import RunFailed, RunFinished, RunStarted
-from cpt_studio.engine.runner import AttachedRun, WorkerProcess, worker_argv_resume, worker_argv_train
-from cpt_studio.engine.runs import RunDir, Workspace
+from cpt_studio.engine.runs.events import RunFailed, RunFinished, RunStarted
+from cpt_studio.engine.runs.runner import AttachedRun, WorkerProcess, worker_argv_resume, worker_argv_train
+from cpt_studio.engine.runs.store import RunDir, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class _ReaderThread(QThread):
 class RunController(QObject):
     """Start / resume / continue / attach one run and turn its events into Qt signals."""
 
-    event_received = Signal(object)     # an engine.events.Event
+    event_received = Signal(object)     # an engine.runs.events.Event
     run_started = Signal(str)           # run id (from RunStarted)
     run_ended = Signal(str, str)        # status (finished / stopped / failed / interrupted), message
     state_changed = Signal(str)         # idle / starting / running / stopping

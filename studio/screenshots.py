@@ -84,7 +84,7 @@ class Shooter:
 
     # ---- the pages ------------------------------------------------------------------------------
     def shoot(self) -> list[Path]:
-        from cpt_studio.engine.events import EvalMetrics, RunStarted, Sample, StepMetrics
+        from cpt_studio.engine.runs.events import EvalMetrics, RunStarted, Sample, StepMetrics
 
         w, pages = self.window, self.window.pages
         c = w.controller
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtCore import QSettings
     from PySide6.QtWidgets import QApplication
 
-    from cpt_studio.engine.runs import Workspace
+    from cpt_studio.engine.runs.store import Workspace
 
     from .app import make_app
     from .main_window import MainWindow

@@ -11,7 +11,7 @@ import dataclasses
 from PySide6.QtCore import QObject, Signal
 
 from cpt_studio.engine.config import RunConfig
-from cpt_studio.engine.runs import Workspace
+from cpt_studio.engine.runs.store import Workspace
 
 
 class StudioState(QObject):
@@ -24,8 +24,8 @@ class StudioState(QObject):
         super().__init__(parent)
         self.workspace = workspace
         self._config = config or RunConfig()
-        self.model_info = None        # engine.model_source.ModelInfo of the chosen model, once described
-        self.resolved_model = None    # engine.model_source.ResolvedModel, once resolved
+        self.model_info = None        # engine.model.source.ModelInfo of the chosen model, once described
+        self.resolved_model = None    # engine.model.source.ResolvedModel, once resolved
 
     @property
     def config(self) -> RunConfig:

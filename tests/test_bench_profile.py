@@ -30,7 +30,7 @@ def _gemm(*dims):
 
 
 def test_lora_gemms_include_the_stacked_adapters_of_a_group():
-    """engine/lora_group.py stacks q/k/v's A (3r rows) and gate/up's (2r): still LoRA GEMMs."""
+    """engine/speed/lora_group.py stacks q/k/v's A (3r rows) and gate/up's (2r): still LoRA GEMMs."""
     assert _gemm((4096, 4096), (4096, 16)) == "GEMM: LoRA (r=16)"
     assert _gemm((4096, 4096), (4096, 48)) == "GEMM: LoRA (r=16)"
     assert _gemm((48, 4096), (4096, 4096)) == "GEMM: LoRA (r=16)"

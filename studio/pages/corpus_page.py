@@ -271,7 +271,7 @@ if __name__ == "__main__":
 
     from PySide6.QtWidgets import QApplication
 
-    from cpt_studio.engine.runs import Workspace
+    from cpt_studio.engine.runs.store import Workspace
     from cpt_studio.studio.state import StudioState
 
     app = QApplication(sys.argv)

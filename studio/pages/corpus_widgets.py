@@ -1,6 +1,6 @@
 """Pieces of the Corpus page: background jobs (inspect an entry, count tokens) and a path list.
 
-The jobs only call engine functions (`engine.corpus`, `engine.packing`, `engine.model_source`)
+The jobs only call engine functions (`engine.data.corpus`, `engine.data.packing`, `engine.model.source`)
 and add up their results for one table row.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (QFileDialog, QGroupBox, QHBoxLayout, QListWidget, QPushButton,
                                QVBoxLayout)
 
-from cpt_studio.engine.corpus import SUPPORTED_SUFFIXES, expand_corpus_paths, inspect_corpus_file
+from cpt_studio.engine.data.corpus import SUPPORTED_SUFFIXES, expand_corpus_paths, inspect_corpus_file
 from cpt_studio.engine.errors import CptError
 
 FILE_FILTER = ("Corpus files (" + " ".join(f"*{s}" for s in SUPPORTED_SUFFIXES) + ");;All files (*)")
@@ -86,10 +86,10 @@ def count_tokens(data_cfg, source: str, trust_remote_code: bool, models_dir: Pat
     """
     from transformers import AutoTokenizer
 
-    from cpt_studio.engine.packing import build_packed_data
+    from cpt_studio.engine.data.packing import build_packed_data
 
     if resolved is None:
-        from cpt_studio.engine.model_source import resolve_model_source
+        from cpt_studio.engine.model.source import resolve_model_source
         if progress:
             progress(0.0, "Resolving the model for its tokenizer…")
         resolved = resolve_model_source(source, models_dir, progress)

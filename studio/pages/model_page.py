@@ -30,7 +30,7 @@ INFO_ROWS = ("Architecture", "Parameters", "Vocabulary", "Hidden size", "Layers"
 def resolve_and_describe(source: str, models_dir: Path, trust_remote_code: bool = False,
                          progress=None):
     """Worker job: (ResolvedModel, ModelInfo) for a model source."""
-    from cpt_studio.engine.model_source import describe_model, resolve_model_source
+    from cpt_studio.engine.model.source import describe_model, resolve_model_source
     resolved = resolve_model_source(source, models_dir, progress)
     return resolved, describe_model(resolved, trust_remote_code=trust_remote_code)
 
@@ -236,7 +236,7 @@ if __name__ == "__main__":
 
     from PySide6.QtWidgets import QApplication
 
-    from cpt_studio.engine.runs import Workspace
+    from cpt_studio.engine.runs.store import Workspace
     from cpt_studio.studio.state import StudioState
 
     app = QApplication(sys.argv)

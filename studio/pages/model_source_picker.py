@@ -109,7 +109,7 @@ class SourcePicker(QGroupBox):
 
     def refresh_runs(self, workspace) -> None:
         """List the workspace's runs that saved an adapter or a checkpoint (newest first)."""
-        from cpt_studio.engine.model_source import latest_run_adapter
+        from cpt_studio.engine.model.source import latest_run_adapter
         self.workspace_root = str(workspace.root)
         self.runs_combo.clear()
         self.runs_combo.addItem("(pick a past run)", "")

@@ -10,7 +10,7 @@ from PySide6.QtWidgets import (QHBoxLayout, QLabel, QProgressBar, QPushButton, Q
                                QTabWidget, QVBoxLayout, QWidget)
 
 from cpt_studio.engine.errors import CptError
-from cpt_studio.engine.events import (CheckpointSaved, EvalMetrics, Log, Phase, RunFailed, RunFinished,
+from cpt_studio.engine.runs.events import (CheckpointSaved, EvalMetrics, Log, Phase, RunFailed, RunFinished,
                                       RunStarted, Sample, StepMetrics)
 from cpt_studio.engine.units import format_count, format_duration
 
@@ -294,8 +294,8 @@ if __name__ == "__main__":
 
     from PySide6.QtWidgets import QApplication
 
-    from cpt_studio.engine.events import from_json
-    from cpt_studio.engine.runs import Workspace
+    from cpt_studio.engine.runs.events import from_json
+    from cpt_studio.engine.runs.store import Workspace
     from cpt_studio.studio.state import StudioState
 
     app = QApplication(sys.argv)

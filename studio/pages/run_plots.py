@@ -10,7 +10,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QGridLayout, QWidget
 
-from cpt_studio.engine.events import EvalMetrics, StepMetrics
+from cpt_studio.engine.runs.events import EvalMetrics, StepMetrics
 
 GIB = 1024 ** 3
 PALETTE = ("#3b82f6", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#14b8a6", "#ec4899", "#84cc16")

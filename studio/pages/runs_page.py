@@ -16,8 +16,8 @@ from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QInp
                                QWidget)
 
 from cpt_studio.engine.errors import CptError
-from cpt_studio.engine.export import export_merged
-from cpt_studio.engine.run_index import RunIndex
+from cpt_studio.engine.model.export import export_merged
+from cpt_studio.engine.runs.index import RunIndex
 
 from ..background_tasks import BackgroundTasks
 from ..run_controller import RunController
@@ -366,7 +366,7 @@ def _loss_item(value) -> _Item:
 if __name__ == "__main__":
     import sys
     from PySide6.QtWidgets import QApplication
-    from cpt_studio.engine.runs import Workspace
+    from cpt_studio.engine.runs.store import Workspace
     from cpt_studio.studio.state import StudioState
     app = QApplication(sys.argv)
     page = RunsPage(StudioState(Workspace(sys.argv[1] if len(sys.argv) > 1 else None)))

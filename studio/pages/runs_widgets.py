@@ -10,7 +10,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, 
                                QHBoxLayout, QLabel, QLineEdit, QPushButton, QTableWidget, QTableWidgetItem,
                                QVBoxLayout)
 
-from cpt_studio.engine.export import default_out_dir   # no torch at import: the GUI starts light
+from cpt_studio.engine.model.export import default_out_dir   # no torch at import: the GUI starts light
 
 from .run_plots import PALETTE, palette_is_dark, style_plot
 
@@ -97,7 +97,7 @@ class LossOverlay(pg.PlotWidget):
 
 def list_step_folders(run_path: Path) -> list[Path]:
     """checkpoints/step-<N> folders, newest first. A step-N folder only exists once complete (atomic
-    rename), so listing is enough here and spares the GUI importing torch through engine.checkpoints."""
+    rename), so listing is enough here and spares the GUI importing torch through engine.runs.checkpoints."""
     root = Path(run_path) / "checkpoints"
     if not root.is_dir():
         return []

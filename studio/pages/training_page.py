@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
 
 from cpt_studio.engine.config import RunConfig
 from cpt_studio.engine.errors import ConfigError
-from cpt_studio.engine.runs import default_workspace_root, slugify
+from cpt_studio.engine.runs.store import default_workspace_root, slugify
 from cpt_studio.studio.config_form import ERROR_COLOR, ConfigForm
 from cpt_studio.studio.pages.target_modules import TargetModulesBox
 
@@ -226,7 +226,7 @@ if __name__ == "__main__":
 
     from PySide6.QtWidgets import QApplication
 
-    from cpt_studio.engine.runs import Workspace
+    from cpt_studio.engine.runs.store import Workspace
     from cpt_studio.studio.state import StudioState
 
     app = QApplication(sys.argv)

@@ -1,13 +1,13 @@
 """The VRAM estimate box of the Model page: a target GPU, the total with a colored badge, the terms.
 
-The numbers come from `engine.estimate`; this widget only picks the card and shows them.
+The numbers come from `engine.train.estimate`; this widget only picks the card and shows them.
 """
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QVBoxLayout
 
-from cpt_studio.engine.estimate import (GIB, estimate_vram, fit_badge, format_bytes, gpu_name,
+from cpt_studio.engine.train.estimate import (GIB, estimate_vram, fit_badge, format_bytes, gpu_name,
                                         gpu_total_memory)
 
 # Cards people train on, by memory; shown when this machine has no GPU (or to plan for another).

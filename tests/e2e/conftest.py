@@ -57,7 +57,7 @@ def window(qtbot, tmp_path_factory, tmp_path):
     settings in a fresh folder (nothing from earlier launches)."""
     from PySide6.QtCore import QSettings
 
-    from cpt_studio.engine.runs import Workspace
+    from cpt_studio.engine.runs.store import Workspace
     from cpt_studio.studio.main_window import MainWindow
     from cpt_studio.studio.runtime import configure_runtime
     from cpt_studio.studio.state import StudioState

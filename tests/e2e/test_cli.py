@@ -9,8 +9,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-from cpt_studio.engine.events import CheckpointSaved, RunFailed, RunFinished, StepMetrics, from_json
-from cpt_studio.engine.runner import cli_argv
+from cpt_studio.engine.runs.events import CheckpointSaved, RunFailed, RunFinished, StepMetrics, from_json
+from cpt_studio.engine.runs.runner import cli_argv
 
 CLI = cli_argv()   # what the GUI starts: `cpt-studio ...` whatever the working directory
 REPO_ROOT = Path(__file__).resolve().parents[2]

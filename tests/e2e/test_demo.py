@@ -7,8 +7,8 @@ import subprocess
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from cpt_studio.engine.events import EvalMetrics, RunFinished, RunStarted, Sample, from_json
-from cpt_studio.engine.runner import cli_argv
+from cpt_studio.engine.runs.events import EvalMetrics, RunFinished, RunStarted, Sample, from_json
+from cpt_studio.engine.runs.runner import cli_argv
 
 
 def test_demo_lowers_heldout_perplexity_and_leaves_a_loadable_adapter(tmp_path):

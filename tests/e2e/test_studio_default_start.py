@@ -20,7 +20,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 from PySide6.QtCore import Qt  # noqa: E402
 
 from cpt_studio.engine.config import RunConfig  # noqa: E402
-from cpt_studio.engine.events import RunFinished, RunStarted, StepMetrics  # noqa: E402
+from cpt_studio.engine.runs.events import RunFinished, RunStarted, StepMetrics  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 from PySide6.QtCore import Qt  # noqa: E402
 from PySide6.QtWidgets import QDialogButtonBox  # noqa: E402
 
-from cpt_studio.engine.events import RunFinished, StepMetrics  # noqa: E402
+from cpt_studio.engine.runs.events import RunFinished, StepMetrics  # noqa: E402
 from cpt_studio.studio.pages.runs_widgets import ContinueDialog  # noqa: E402
 
 pytestmark = pytest.mark.slow

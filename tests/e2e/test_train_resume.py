@@ -6,12 +6,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from cpt_studio.engine.control import ControlChannel
-from cpt_studio.engine.events import (CheckpointSaved, EvalMetrics, Log, Phase, RunFinished,
+from cpt_studio.engine.runs.control import ControlChannel
+from cpt_studio.engine.runs.events import (CheckpointSaved, EvalMetrics, Log, Phase, RunFinished,
                                       RunStarted, StepMetrics)
-from cpt_studio.engine.runs import Workspace
-from cpt_studio.engine.sinks import FanOut, ListSink, RunFolderSink
-from cpt_studio.engine.trainer import first_step_note, run_training
+from cpt_studio.engine.runs.store import Workspace
+from cpt_studio.engine.runs.sinks import FanOut, ListSink, RunFolderSink
+from cpt_studio.engine.train.loop import first_step_note, run_training
 
 
 class StopAfterCheckpoint(ControlChannel):
@@ -163,7 +163,7 @@ def test_the_first_step_note_says_the_kernels_compile_only_with_kernels_on_a_gpu
 
 def test_the_first_training_step_shows_its_note_then_clears_it(tmp_path, tiny_config, monkeypatch):
     """The Run page's phase line during the first step (Triton compiling on a GPU), gone after it."""
-    from cpt_studio.engine import trainer
+    from cpt_studio.engine.train import loop as trainer
 
     monkeypatch.setattr(trainer, "first_step_note", lambda summary, device: "first step note")
     _, events, result = _train(Workspace(tmp_path / "ws"), tiny_config(max_steps=3))

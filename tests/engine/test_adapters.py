@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tiny_models import build_tiny_model
-from cpt_studio.engine.adapters import (attach_adapters, count_parameters, describe_param_groups,
+from cpt_studio.engine.model.adapters import (attach_adapters, count_parameters, describe_param_groups,
                                         discover_target_modules, embedding_param_groups)
 from cpt_studio.engine.config import AdapterConfig
 from cpt_studio.engine.errors import CheckpointError, ConfigError

@@ -13,11 +13,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cpt_studio.engine.checkpoints import (is_checkpoint, latest_checkpoint, list_checkpoints,
+from cpt_studio.engine.runs.checkpoints import (is_checkpoint, latest_checkpoint, list_checkpoints,
                                            load_checkpoint, save_checkpoint, verify_checkpoint)
 from cpt_studio.engine.config import RunConfig
 from cpt_studio.engine.errors import CheckpointError
-from cpt_studio.engine.runs import Workspace
+from cpt_studio.engine.runs.store import Workspace
 
 
 def build(seed: int = 0):

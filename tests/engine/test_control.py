@@ -2,7 +2,7 @@
 import os
 import signal
 
-from cpt_studio.engine.control import ControlChannel
+from cpt_studio.engine.runs.control import ControlChannel
 
 
 def test_commands_come_out_in_order_and_unknown_ones_are_ignored():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cpt_studio.engine.corpus import (SUPPORTED_SUFFIXES, expand_corpus_paths, inspect_corpus_file,
+from cpt_studio.engine.data.corpus import (SUPPORTED_SUFFIXES, expand_corpus_paths, inspect_corpus_file,
                                       read_documents)
 from cpt_studio.engine.errors import CorpusError
 

@@ -10,14 +10,14 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from tiny_models import build_tiny_model
-from cpt_studio.engine.adapters import attach_adapters
-from cpt_studio.engine.checkpoints import _load_state
+from cpt_studio.engine.model.adapters import attach_adapters
+from cpt_studio.engine.runs.checkpoints import _load_state
 from cpt_studio.engine.config import AdapterConfig, RunConfig, validate
-from cpt_studio.engine.embedding_memory import free_frozen_originals, keep_stream_in_compute_dtype
+from cpt_studio.engine.speed.embedding_memory import free_frozen_originals, keep_stream_in_compute_dtype
 from cpt_studio.engine.errors import CheckpointError
-from cpt_studio.engine.optim import (CombinedOptimizer, build_optimizer, build_scheduler,
+from cpt_studio.engine.train.optim import (CombinedOptimizer, build_optimizer, build_scheduler,
                                      resolve_embedding_optimizer)
-from cpt_studio.engine.training_setup import _trainable_to_fp32, prepare_embeddings
+from cpt_studio.engine.train.setup import _trainable_to_fp32, prepare_embeddings
 
 VOCAB = 384
 CPU = torch.device("cpu")

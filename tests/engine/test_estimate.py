@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from cpt_studio.engine.config import RunConfig
-from cpt_studio.engine.estimate import GIB, estimate_vram, fit_badge, format_bytes, gpu_total_memory
+from cpt_studio.engine.train.estimate import GIB, estimate_vram, fit_badge, format_bytes, gpu_total_memory
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from cpt_studio.engine.events import (EVENT_TYPES, EvalMetrics, EventError, RunFailed, StepMetrics,
+from cpt_studio.engine.runs.events import (EVENT_TYPES, EvalMetrics, EventError, RunFailed, StepMetrics,
                                       from_json, to_json)
 
 

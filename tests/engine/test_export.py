@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cpt_studio.engine.adapters import attach_adapters
+from cpt_studio.engine.model.adapters import attach_adapters
 from cpt_studio.engine.config import AdapterConfig, RunConfig
 from cpt_studio.engine.errors import CheckpointError, CptError, WorkspaceError
-from cpt_studio.engine.export import INFO_FILE, default_out_dir, export_merged
-from cpt_studio.engine.runs import Workspace
+from cpt_studio.engine.model.export import INFO_FILE, default_out_dir, export_merged
+from cpt_studio.engine.runs.store import Workspace
 
 
 def make_run(workspace, model_dir, embed="full", head="full", seed=0):
@@ -123,7 +123,7 @@ def test_disk_full_leaves_no_half_export(workspace, tiny_model_dir, monkeypatch)
 
 def test_a_failed_check_keeps_nothing(workspace, tiny_model_dir, monkeypatch):
     run, _ = make_run(workspace, tiny_model_dir("llama"), embed="off", head="lora")
-    import cpt_studio.engine.export as export
+    import cpt_studio.engine.model.export as export
 
     real_save = export._save
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpt_studio.engine.fused_adamw import FusedAdamW8bit, step_seed
+from cpt_studio.engine.train.fused_adamw import FusedAdamW8bit, step_seed
 
 # Triton runs interpreted on CPU (TRITON_INTERPRET=1 from tests/conftest.py), compiled on a GPU.
 TRITON_DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,4 +1,4 @@
-"""The lean LoRA forwards of engine/lora_forward.py, the fused 4-bit function above all.
+"""The lean LoRA forwards of engine/speed/lora_forward.py, the fused 4-bit function above all.
 
 - LoRA4bitLinearFunction alone vs a float reference (the dequantized weight as a plain tensor):
   output and the x / A / B gradients, fp32 and bf16 compute, odd shapes, bias, double quant.
@@ -15,7 +15,7 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from cpt_studio.engine.lora_forward import LEAN_LABELS, LoRA4bitLinearFunction  # noqa: E402
+from cpt_studio.engine.speed.lora_forward import LEAN_LABELS, LoRA4bitLinearFunction  # noqa: E402
 from test_patching import _lora_layers, _lora_only_patch  # noqa: E402  (shared helpers)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -129,8 +129,8 @@ def test_function_saves_no_weight_and_no_output():
 # --- a 4-bit model with peft LoRA, patched vs peft's forward ------------------------------------------
 
 def _load_4bit(quant_model_dir, device="cpu"):
-    from cpt_studio.engine.model_loading import load_base_model
-    from cpt_studio.engine.model_source import ResolvedModel
+    from cpt_studio.engine.model.loading import load_base_model
+    from cpt_studio.engine.model.source import ResolvedModel
 
     base, _ = load_base_model(ResolvedModel("hf_folder", str(quant_model_dir), "", "q"), "4bit", device)
     return base
@@ -321,7 +321,7 @@ def test_4bit_without_autocast_in_a_compute_dtype_other_than_the_lora_weights_ke
 
 
 def test_apply_kernels_reports_the_fused_4bit_layers(quant_model_dir):
-    from cpt_studio.engine.patching import apply_kernels
+    from cpt_studio.engine.speed.patching import apply_kernels
 
     model = _peft_on(_load_4bit(quant_model_dir))
     patch = apply_kernels(model, enabled=True)

@@ -1,7 +1,7 @@
-"""engine/lora_group.py: q/k/v and gate/up of a 4-bit LoRA model as one autograd function each.
+"""engine/speed/lora_group.py: q/k/v and gate/up of a 4-bit LoRA model as one autograd function each.
 
 The tiny 4-bit Llama of tests/conftest.py with peft LoRA on every projection, patched with the
-fused 4-bit forwards (engine.lora_forward) and then grouped: loss and every trainable gradient
+fused 4-bit forwards (engine.speed.lora_forward) and then grouped: loss and every trainable gradient
 against peft's own forward and against the same patch ungrouped; a member called with another
 input, unused outputs, gradients only where asked, the value_unused skip, revert.
 """
@@ -12,9 +12,9 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from cpt_studio.engine import lora_group  # noqa: E402
-from cpt_studio.engine.lora_forward import GROUP_ATTR, value_unused  # noqa: E402
-from cpt_studio.engine.patching import _group_lora_layers  # noqa: E402
+from cpt_studio.engine.speed import lora_group  # noqa: E402
+from cpt_studio.engine.speed.lora_forward import GROUP_ATTR, value_unused  # noqa: E402
+from cpt_studio.engine.speed.patching import _group_lora_layers  # noqa: E402
 from test_lora_forward import _ids, _load_4bit, _peft_on, _step, graph_nodes  # noqa: E402
 from test_patching import _lora_only_patch  # noqa: E402
 
@@ -150,7 +150,7 @@ def test_under_value_unused_the_group_is_not_used(quant_model_dir):
 
 
 def test_apply_kernels_groups_by_default_and_reports_it(quant_model_dir, monkeypatch):
-    from cpt_studio.engine.patching import apply_kernels
+    from cpt_studio.engine.speed.patching import apply_kernels
 
     model = _peft_on(_load_4bit(quant_model_dir))
     patch = apply_kernels(model, enabled=True)

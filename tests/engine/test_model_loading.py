@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from cpt_studio.engine.adapters import attach_adapters, count_parameters
+from cpt_studio.engine.model.adapters import attach_adapters, count_parameters
 from cpt_studio.engine.config import AdapterConfig
 from cpt_studio.engine.errors import ModelSourceError
-from cpt_studio.engine.model_loading import load_base_model, resolve_precision
-from cpt_studio.engine.model_source import ResolvedModel
+from cpt_studio.engine.model.loading import load_base_model, resolve_precision
+from cpt_studio.engine.model.source import ResolvedModel
 
 
 def folder(path) -> ResolvedModel:
@@ -173,7 +173,7 @@ def test_transformers_hub_kernels_never_run(tiny_model_dir, monkeypatch):
     import importlib.util
     import os
 
-    from cpt_studio.engine.embedding_memory import free_frozen_originals
+    from cpt_studio.engine.speed.embedding_memory import free_frozen_originals
 
     calls = []
     if importlib.util.find_spec("kernels") is not None:

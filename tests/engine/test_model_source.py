@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from tiny_models import build_tiny_model
-from cpt_studio.engine.adapters import attach_adapters
+from cpt_studio.engine.model.adapters import attach_adapters
 from cpt_studio.engine.config import AdapterConfig
 from cpt_studio.engine.errors import ModelSourceError
-from cpt_studio.engine.model_loading import load_base_model
-from cpt_studio.engine.model_source import (default_model_path, describe_model,
+from cpt_studio.engine.model.loading import load_base_model
+from cpt_studio.engine.model.source import (default_model_path, describe_model,
                                             resolve_model_source)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -42,7 +42,7 @@ def save_adapter(base_dir, out_dir, mode="off"):
 
 
 def write_manifest(folder, step):
-    """A checkpoint manifest like engine/checkpoints.py writes (sizes + sha256 of each file)."""
+    """A checkpoint manifest like engine/runs/checkpoints.py writes (sizes + sha256 of each file)."""
     (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
     files = {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
              for p in folder.iterdir() if p.is_file()}
@@ -118,7 +118,7 @@ def test_broken_gguf_leaves_no_folder_and_cleans_dead_temps(tmp_path):
     models.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    from cpt_studio.engine.model_source import _content_hash
+    from cpt_studio.engine.model.source import _content_hash
 
     stale = models / f".broken-{_content_hash(tmp_path / 'broken.gguf')}.tmp-{dead.pid}-x"
     stale.mkdir()

@@ -18,7 +18,7 @@ from tiny_models import build_tiny_model
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from cpt_studio.engine.offload_checkpoint import (  # noqa: E402
+from cpt_studio.engine.speed.offload_checkpoint import (  # noqa: E402
     disable_offloaded_checkpointing, enable_offloaded_checkpointing, offload_stats)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -118,7 +118,7 @@ def test_frozen_embeddings_still_train_every_lora_layer(input_grads):
 
 
 def test_through_the_kernel_patch():
-    from cpt_studio.engine.patching import apply_kernels
+    from cpt_studio.engine.speed.patching import apply_kernels
 
     model = _peft_model("llama")
     patch = apply_kernels(model, True)
@@ -132,7 +132,7 @@ def test_through_the_kernel_patch():
 
 def test_bf16_autocast_is_replayed_in_the_recompute():
     """fp32 trained weights under CPU bf16 autocast; the stream kept in bf16 as training runs do."""
-    from cpt_studio.engine.embedding_memory import keep_stream_in_compute_dtype
+    from cpt_studio.engine.speed.embedding_memory import keep_stream_in_compute_dtype
 
     model = _peft_model("llama")
     keep_stream_in_compute_dtype(model)
@@ -227,10 +227,10 @@ def test_calls_it_cannot_offload_fall_back_with_their_gradients(keyword):
 
 
 def test_4bit_base_lora_gradients_match(quant_model_dir):
-    from cpt_studio.engine.adapters import attach_adapters
+    from cpt_studio.engine.model.adapters import attach_adapters
     from cpt_studio.engine.config import AdapterConfig
-    from cpt_studio.engine.model_loading import load_base_model
-    from cpt_studio.engine.model_source import ResolvedModel
+    from cpt_studio.engine.model.loading import load_base_model
+    from cpt_studio.engine.model.source import ResolvedModel
 
     base, _ = load_base_model(ResolvedModel("hf_folder", str(quant_model_dir), "", "q"), "4bit", "cpu")
     model = attach_adapters(base, AdapterConfig(r=4, embed_tokens="off", lm_head="off"))
@@ -250,12 +250,12 @@ def test_4bit_kernel_patch_skips_the_down_projection_value_in_the_recompute(quan
                                                                              monkeypatch):
     """The fused 4-bit LoRA function: in the offloaded recompute the MLP's down_proj only saves what
     its backward needs (no dequantize, no GEMM for a value nobody reads); gradients stay bitwise."""
-    from cpt_studio.engine import lora_forward
-    from cpt_studio.engine.adapters import attach_adapters
+    from cpt_studio.engine.speed import lora_forward
+    from cpt_studio.engine.model.adapters import attach_adapters
     from cpt_studio.engine.config import AdapterConfig
-    from cpt_studio.engine.model_loading import load_base_model
-    from cpt_studio.engine.model_source import ResolvedModel
-    from cpt_studio.engine.patching import apply_kernels
+    from cpt_studio.engine.model.loading import load_base_model
+    from cpt_studio.engine.model.source import ResolvedModel
+    from cpt_studio.engine.speed.patching import apply_kernels
 
     base, _ = load_base_model(ResolvedModel("hf_folder", str(quant_model_dir), "", "q"), "4bit", "cpu")
     model = attach_adapters(base, AdapterConfig(r=4, embed_tokens="off", lm_head="off"))
@@ -290,7 +290,7 @@ def test_4bit_kernel_patch_skips_the_down_projection_value_in_the_recompute(quan
 def test_each_layer_prefetches_the_input_of_the_layer_before_it(monkeypatch):
     """Backward of layer i starts the copy back of layer i-1's input; two forwards in a row (two
     micro-batches) keep separate chains, and gradients stay bitwise."""
-    from cpt_studio.engine import offload_checkpoint
+    from cpt_studio.engine.speed import offload_checkpoint
 
     prefetched = []
     original = offload_checkpoint._HostCopy.prefetch

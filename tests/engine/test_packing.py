@@ -9,7 +9,7 @@ import torch
 
 from cpt_studio.engine.config import DataConfig
 from cpt_studio.engine.errors import CorpusError
-from cpt_studio.engine.packing import block_permutation, build_packed_data
+from cpt_studio.engine.data.packing import block_permutation, build_packed_data
 
 # The corpus writer lives beside the corpus tests; load it by path so any pytest import mode works.
 _spec = importlib.util.spec_from_file_location("_corpus_cases",
@@ -142,7 +142,7 @@ def test_corpus_too_small_for_seq_len_names_tokens_and_block_size(tmp_path, tiny
 
 
 def test_progress_is_reported_often_and_in_order(tmp_path, tiny_tokenizer, monkeypatch):
-    import cpt_studio.engine.packing as packing
+    import cpt_studio.engine.data.packing as packing
 
     monkeypatch.setattr(packing, "_BATCH_DOCS", 2)
     corpus = write_corpus("jsonl", tmp_path, [f"Line number {i} of the corpus." for i in range(60)])

@@ -16,7 +16,7 @@ from tiny_models import build_tiny_model
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from cpt_studio.engine.patching import apply_kernels, fused_causal_lm_loss, resolve_lm_head  # noqa: E402
+from cpt_studio.engine.speed.patching import apply_kernels, fused_causal_lm_loss, resolve_lm_head  # noqa: E402
 
 
 def transformers_version():
@@ -84,7 +84,7 @@ def test_patched_loss_and_every_trainable_gradient_match(dev, arch, head):
     (False, "off", "lora", "LoRA on frozen weight")])
 def test_heads_built_by_engine_adapters(tied, embed, head, kind):
     """The heads attach_adapters makes (TiedLoraHead included) give the plain loss and gradients."""
-    from cpt_studio.engine.adapters import attach_adapters
+    from cpt_studio.engine.model.adapters import attach_adapters
     from cpt_studio.engine.config import AdapterConfig
 
     model = attach_adapters(_build_tiny_model("llama", tied), AdapterConfig(r=4, embed_tokens=embed, lm_head=head))
@@ -168,7 +168,7 @@ def test_training_30_steps_with_and_without_kernels_gives_the_same_losses(dev):
     assert got == pytest.approx(ref, rel=1e-3)
 
 
-# --- the lean LoRA Linear forward (engine/lora_forward.py) ---------------------------------------
+# --- the lean LoRA Linear forward (engine/speed/lora_forward.py) ---------------------------------------
 
 def _peft_on(base, dropout=0.0):
     from peft import LoraConfig, get_peft_model
@@ -180,7 +180,7 @@ def _peft_on(base, dropout=0.0):
 
 def _lora_only_patch(model):
     """Only the LoRA Linears patched (no Triton norms/MLP), to compare against peft's forward alone."""
-    from cpt_studio.engine.patching import KernelPatch, _patch_lora_layers
+    from cpt_studio.engine.speed.patching import KernelPatch, _patch_lora_layers
 
     patch = KernelPatch(enabled=True)
     _patch_lora_layers(patch, model)
@@ -361,7 +361,7 @@ def _count_rope_launches(monkeypatch):
 
 def _rope_only_patch(model):
     """Only RoPE patched, to compare against transformers' attention alone."""
-    from cpt_studio.engine.patching import KernelPatch, _patch_rope
+    from cpt_studio.engine.speed.patching import KernelPatch, _patch_rope
 
     patch = KernelPatch(enabled=True)
     _patch_rope(patch, model, "auto", "RoPE")
@@ -467,7 +467,7 @@ def test_an_attention_whose_forward_has_no_rope_global_is_left_with_a_note():
 
 
 def test_an_unknown_rope_function_is_left_with_a_note(monkeypatch):
-    """An apply_rotary_pos_emb whose source cannot be read is not a version engine/upstream.py
+    """An apply_rotary_pos_emb whose source cannot be read is not a version engine/speed/upstream.py
     knows (its parameters are checked by test_rope_stand_in_follows_the_original_parameters)."""
     from transformers.models.llama import modeling_llama
 
@@ -489,8 +489,8 @@ def test_rope_stand_in_gives_transformers_dtypes_under_bf16_autocast(q_dtype, co
     """transformers' q * cos promotes: bf16 q with fp32 cos/sin (an fp32 stream) gives fp32 q, k."""
     from transformers.models.llama import modeling_llama
 
-    from cpt_studio.engine.rope_patch import _rope_stand_in
-    from cpt_studio.engine.upstream import unwrap_hub_func
+    from cpt_studio.engine.speed.rope import _rope_stand_in
+    from cpt_studio.engine.speed.upstream import unwrap_hub_func
 
     theirs = modeling_llama.apply_rotary_pos_emb   # a kernels Func module on transformers >= 5.25
     ours = _rope_stand_in(unwrap_hub_func(theirs), "auto")
@@ -517,8 +517,8 @@ def test_rope_stand_in_gives_transformers_dtypes_under_bf16_autocast(q_dtype, co
 @pytest.mark.parametrize("bf16_stream", [False, True])
 def test_rope_kernel_under_bf16_autocast_and_checkpointing(bf16_stream):
     """The GPU setting on CPU: bf16 autocast, non-reentrant checkpointing, the residual stream fp32
-    or cast to bf16 (engine.embedding_memory, training.stream_in_compute_dtype)."""
-    from cpt_studio.engine.embedding_memory import keep_stream_in_compute_dtype
+    or cast to bf16 (engine.speed.embedding_memory, training.stream_in_compute_dtype)."""
+    from cpt_studio.engine.speed.embedding_memory import keep_stream_in_compute_dtype
 
     model = _rope_model("llama")
     if bf16_stream:
@@ -554,7 +554,7 @@ def _rope_indexing_cos(q, k, cos, sin, position_ids, unsqueeze_dim=1):
 
 
 def test_rope_stand_in_follows_the_original_parameters():
-    from cpt_studio.engine.rope_patch import NoRopeHook, _rope_stand_in
+    from cpt_studio.engine.speed.rope import NoRopeHook, _rope_stand_in
     from cpt_studio.kernels import rope_reference
 
     ours = _rope_stand_in(_rope_with_position_ids, "auto")

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from cpt_studio.engine.config import RunConfig
-from cpt_studio.engine.events import EvalMetrics, RunFinished, RunStarted, StepMetrics
-from cpt_studio.engine.run_index import RunIndex, RunSummary, describe_corpus
-from cpt_studio.engine.runs import Workspace
+from cpt_studio.engine.runs.events import EvalMetrics, RunFinished, RunStarted, StepMetrics
+from cpt_studio.engine.runs.index import RunIndex, RunSummary, describe_corpus
+from cpt_studio.engine.runs.store import Workspace
 
 
 def step(n: int, loss: float) -> StepMetrics:

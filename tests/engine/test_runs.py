@@ -10,8 +10,8 @@ import pytest
 
 from cpt_studio.engine.config import RunConfig
 from cpt_studio.engine.errors import WorkspaceError
-from cpt_studio.engine.events import Log, RunFailed, RunFinished, RunStarted, StepMetrics
-from cpt_studio.engine.runs import (RunDir, Workspace, default_workspace_root, send_command, slugify,
+from cpt_studio.engine.runs.events import Log, RunFailed, RunFinished, RunStarted, StepMetrics
+from cpt_studio.engine.runs.store import (RunDir, Workspace, default_workspace_root, send_command, slugify,
                                     take_command)
 
 

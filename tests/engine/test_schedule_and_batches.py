@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from cpt_studio.engine.batches import BlockSampler
-from cpt_studio.engine.optim import lr_factor
+from cpt_studio.engine.data.batches import BlockSampler
+from cpt_studio.engine.train.optim import lr_factor
 
 
 def test_warmup_then_decay_to_zero():

@@ -1,4 +1,4 @@
-"""engine/upstream.py: fingerprints of the library code our patches replace, and each call site's
+"""engine/speed/upstream.py: fingerprints of the library code our patches replace, and each call site's
 fallback when that code is not a version we know.
 
 - the installed transformers / peft / bitsandbytes functions are all in KNOWN;
@@ -28,8 +28,8 @@ if not torch.cuda.is_available():
 
 from transformers.models.llama.modeling_llama import rotate_half  # noqa: E402
 
-from cpt_studio.engine import upstream  # noqa: E402
-from cpt_studio.engine.patching import KernelPatch, _patch_rope, apply_kernels  # noqa: E402
+from cpt_studio.engine.speed import upstream  # noqa: E402
+from cpt_studio.engine.speed.patching import KernelPatch, _patch_rope, apply_kernels  # noqa: E402
 from test_patching import _batch, _lora_layers, _lora_only_patch, _peft_model, _train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -74,7 +74,7 @@ def test_the_installed_versions_are_all_known():
                 version = upstream.version(internal.library)
                 unknown.append(
                     f"{where} ({internal.library} {version}) has fingerprint {fp}, not in "
-                    f"engine/upstream.py KNOWN[{key!r}] ({internal.known}). Read its diff against a "
+                    f"engine/speed/upstream.py KNOWN[{key!r}] ({internal.known}). Read its diff against a "
                     f"version listed there; if it still computes what the {internal.off} assumes, "
                     f"add {fp!r}: {version!r}, else change the {internal.off} first.")
     assert not unknown, "\n".join(unknown)
@@ -410,7 +410,7 @@ def test_changed_4bit_forward_stays_peft(monkeypatch, warnings_log, quant_model_
 def test_changed_checkpointing_layer_keeps_transformers_checkpointing(monkeypatch, warnings_log):
     """GradientCheckpointingLayer is fingerprinted as a class (its source file): a changed version is
     simulated by a table that does not know the installed one."""
-    from cpt_studio.engine.offload_checkpoint import enable_offloaded_checkpointing, offload_stats
+    from cpt_studio.engine.speed.offload_checkpoint import enable_offloaded_checkpointing, offload_stats
     from test_offload_checkpoint import _loss_and_grads, _peft_model as _checkpointed_peft_model
 
     entry = upstream.KNOWN["GradientCheckpointingLayer"]

@@ -17,8 +17,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 from PySide6.QtCore import QCoreApplication, QEvent, QSettings  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
-from cpt_studio.engine.runner import WorkerProcess  # noqa: E402
-from cpt_studio.engine.runs import Workspace  # noqa: E402
+from cpt_studio.engine.runs.runner import WorkerProcess  # noqa: E402
+from cpt_studio.engine.runs.store import Workspace  # noqa: E402
 
 HERE = Path(__file__).parent
 FAKE_WORKER = HERE / "fake_worker.py"

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from cpt_studio.engine.events import (CheckpointSaved, RunFailed, RunFinished, RunStarted,
+from cpt_studio.engine.runs.events import (CheckpointSaved, RunFailed, RunFinished, RunStarted,
                                       StepMetrics, from_json, to_json)
 
 _lock = threading.Lock()

@@ -9,7 +9,7 @@ from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDropEvent
 from PySide6.QtWidgets import QComboBox
 
-from cpt_studio.engine.runs import Workspace
+from cpt_studio.engine.runs.store import Workspace
 from cpt_studio.studio.config_form import ERROR_COLOR
 from cpt_studio.studio.pages.corpus_page import SAMPLE_LABEL, CorpusPage
 from cpt_studio.studio.state import StudioState

@@ -6,7 +6,7 @@ import torch
 from PySide6.QtWidgets import QDialogButtonBox
 from transformers import AutoModelForCausalLM
 
-from cpt_studio.engine.adapters import attach_adapters
+from cpt_studio.engine.model.adapters import attach_adapters
 from cpt_studio.engine.config import AdapterConfig, RunConfig
 from cpt_studio.studio.pages.runs_page import RunsPage
 from cpt_studio.studio.pages.runs_widgets import ExportDialog

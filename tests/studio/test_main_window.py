@@ -98,7 +98,7 @@ def test_a_crashing_worker_shows_the_error_and_leaves_the_window_usable(qtbot, m
     window.show_page("runs")                                          # still usable
     assert window.pages["runs"].table.rowCount() == 1
     window.controller._make_worker = lambda argv: __import__(
-        "cpt_studio.engine.runner", fromlist=["WorkerProcess"]).WorkerProcess(
+        "cpt_studio.engine.runs.runner", fromlist=["WorkerProcess"]).WorkerProcess(
         [os.sys.executable, str(Path(__file__).with_name("fake_worker.py")), str(SAMPLE)])
     window.start_run()
     assert not page.banner.isVisible()

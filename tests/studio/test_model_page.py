@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cpt_studio.engine.runs import Workspace
+from cpt_studio.engine.runs.store import Workspace
 from cpt_studio.studio.pages.model_page import ModelPage, format_params, guess_kind
 from cpt_studio.studio.state import StudioState
 

@@ -1,7 +1,7 @@
 """Chart legends and the Runs table's labels: what the screenshots showed wrong once."""
 import pytest
 
-from cpt_studio.engine.events import EvalMetrics, StepMetrics
+from cpt_studio.engine.runs.events import EvalMetrics, StepMetrics
 from cpt_studio.studio.pages.model_source_picker import BUILTIN_LABEL
 from cpt_studio.studio.pages.run_plots import RunPlots
 from cpt_studio.studio.pages.runs_page import model_label

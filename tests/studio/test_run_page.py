@@ -9,7 +9,7 @@ import pytest
 from PySide6.QtCore import QTimer
 
 from cpt_studio.engine.config import RunConfig
-from cpt_studio.engine.events import EvalMetrics, RunFinished, Sample, StepMetrics, from_json
+from cpt_studio.engine.runs.events import EvalMetrics, RunFinished, Sample, StepMetrics, from_json
 from cpt_studio.studio.pages.run_page import RunPage
 from cpt_studio.studio.run_controller import RunController
 

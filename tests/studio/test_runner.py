@@ -1,4 +1,4 @@
-"""engine.runner: the GUI's Qt-free side of the worker protocol, driven by a fake worker script."""
+"""engine.runs.runner: the GUI's Qt-free side of the worker protocol, driven by a fake worker script."""
 import dataclasses
 import os
 import sys
@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 from cpt_studio.engine.config import RunConfig
-from cpt_studio.engine.events import (CheckpointSaved, Log, RunFailed, RunFinished, RunStarted,
+from cpt_studio.engine.runs.events import (CheckpointSaved, Log, RunFailed, RunFinished, RunStarted,
                                       StepMetrics, from_json)
-from cpt_studio.engine.runner import (WORKER_BOOT, AttachedRun, WorkerProcess, cli_command_text,
+from cpt_studio.engine.runs.runner import (WORKER_BOOT, AttachedRun, WorkerProcess, cli_command_text,
                                       worker_argv_resume, worker_argv_train)
-from cpt_studio.engine.runs import Workspace
+from cpt_studio.engine.runs.store import Workspace
 
 HERE = Path(__file__).parent
 FAKE = HERE / "fake_worker.py"

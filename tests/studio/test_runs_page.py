@@ -9,7 +9,7 @@ import yaml
 from PySide6.QtWidgets import QInputDialog, QMessageBox
 
 from cpt_studio.engine.config import RunConfig
-from cpt_studio.engine.events import RunFailed, RunStarted, StepMetrics, from_json
+from cpt_studio.engine.runs.events import RunFailed, RunStarted, StepMetrics, from_json
 from cpt_studio.studio.pages.run_page import RunPage
 from cpt_studio.studio.pages.runs_page import RunsPage
 from cpt_studio.studio.pages.runs_widgets import ContinueDialog, config_diff

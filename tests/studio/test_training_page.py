@@ -8,7 +8,7 @@ import yaml
 from PySide6.QtGui import QGuiApplication
 
 from cpt_studio.engine.config import RunConfig
-from cpt_studio.engine.runs import Workspace
+from cpt_studio.engine.runs.store import Workspace
 from cpt_studio.studio.pages.training_page import TrainingPage
 from cpt_studio.studio.state import StudioState
 
@@ -110,7 +110,7 @@ def test_target_checkboxes_reflect_the_model(page):
 
 
 def test_target_checkboxes_from_a_real_tiny_model(page, tiny_model_dir):
-    from cpt_studio.engine.model_source import describe_model, resolve_model_source
+    from cpt_studio.engine.model.source import describe_model, resolve_model_source
     info = describe_model(resolve_model_source(str(tiny_model_dir("qwen2")),
                                                page.state.workspace.models_dir))
     page.state.model_info = info

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 from cpt_studio.engine.config import RunConfig
-from cpt_studio.engine.events import (CheckpointSaved, EvalMetrics, Log, Phase, RunFinished,
+from cpt_studio.engine.runs.events import (CheckpointSaved, EvalMetrics, Log, Phase, RunFinished,
                                       RunStarted, Sample, StepMetrics, to_json)
 
 STEPS, EVAL_EVERY, GIB = 30, 10, 1024 ** 3

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import AdapterConfig
-from .errors import CheckpointError, ConfigError
+from ..config import AdapterConfig
+from ..errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from .events import Event, EventError, Log, RunFailed, RunFinished, RunStarted, from_json
-from .runs import COMMANDS, RunDir, process_alive, send_command
+from .store import COMMANDS, RunDir, process_alive, send_command
 
 # The worker's Python runs this instead of `-m cpt_studio.engine.cli`: `-m` and `-c` put the working
 # directory first on sys.path, and started from a source checkout our top-level kernels/ folder

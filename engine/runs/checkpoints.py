@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .atomic import file_sha256, publish_dir_atomic, write_text_atomic
-from .errors import CheckpointError
-from .runs import RunDir, process_alive
+from ..atomic import file_sha256, publish_dir_atomic, write_text_atomic
+from ..errors import CheckpointError
+from .store import RunDir, process_alive
 
 log = logging.getLogger(__name__)
 

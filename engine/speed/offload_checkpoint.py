@@ -47,7 +47,7 @@ inner backward: `torch.autograd.grad(loss, params)` does not see them, use `loss
 The layer switch relies on how transformers' GradientCheckpointingLayer calls its checkpoint
 function: `_gradient_checkpointing_func(partial(forward, **kwargs), *args)`, the hidden state first
 (`__call__` up to 5.22, the subclass' forward from 5.23). When that class is not a version
-engine/upstream.py knows, nothing is switched: transformers' own (non-offloaded) checkpointing
+engine/speed/upstream.py knows, nothing is switched: transformers' own (non-offloaded) checkpointing
 runs, with one warning in the log.
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ _local = threading.local()            # .recomputing: depth of the recomputes ru
 def in_recompute() -> bool:
     """True while this thread re-runs an offloaded layer's forward for its backward.
 
-    The recompute's output is only backpropagated through, never read: engine.patching uses this
+    The recompute's output is only backpropagated through, never read: engine.speed.patching uses this
     to skip the value of a layer's last projection (its MLP's down_proj) there.
     """
     return getattr(_local, "recomputing", 0) > 0
@@ -345,7 +345,7 @@ def enable_offloaded_checkpointing(model: nn.Module) -> int:
     Call after `model.gradient_checkpointing_enable(...)`; a second call only switches layers
     that transformers' function was set on again. Returns the number of layers now offloaded
     (0 when gradient checkpointing is off, or when transformers' GradientCheckpointingLayer is not
-    a version engine/upstream.py knows: the layers keep transformers' checkpointing).
+    a version engine/speed/upstream.py knows: the layers keep transformers' checkpointing).
     """
     if any(True for _ in _checkpoint_layers(model)) and library_code_changed():
         return 0

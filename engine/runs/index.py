@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 from .events import EvalMetrics, RunFinished, RunStarted, StepMetrics
-from .errors import WorkspaceError
-from .runs import EventBatch, Lifecycle, RunDir, Workspace
+from ..errors import WorkspaceError
+from .store import EventBatch, Lifecycle, RunDir, Workspace
 
 log = logging.getLogger(__name__)
 

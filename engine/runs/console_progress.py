@@ -6,7 +6,7 @@ import time
 
 from .events import (CheckpointSaved, EvalMetrics, Event, Log, Phase, RunFailed, RunFinished,
                      RunStarted, Sample, StepMetrics)
-from .units import format_count, format_duration
+from ..units import format_count, format_duration
 
 
 class ConsoleProgress:

@@ -1,11 +1,11 @@
 """4-bit LoRA projections that read the same input, run as one autograd function.
 
-    group_projections(patch, model)   # engine.patching, after the fused 4-bit LoRA forwards
+    group_projections(patch, model)   # engine.speed.patching, after the fused 4-bit LoRA forwards
     q = self.q_proj(x)                 # computes q, k and v (one function), returns q
     k = self.k_proj(x)                 # the k it computed, for the same x object
     v = self.v_proj(x)
 
-An attention's q, k, v and an MLP's gate and up each read one x. Run apart (engine.lora_forward's
+An attention's q, k, v and an MLP's gate and up each read one x. Run apart (engine.speed.lora_forward's
 LoRA4bitLinearFunction each), every projection reads x for its own x A^T, casts its own A, reads
 x again for its dA, adds its own s t A into its own dx, and autograd then sums the dx of the three
 (two full-size adds). As one function with A = [A_1; A_2; A_3] (rows stacked, [R, in]):
@@ -25,8 +25,8 @@ one hidden state; the patched MLP calls gate then up). A member called with anot
 drops what is kept and computes on its own, as before. A group
 is used only when each member would take the fused 4-bit function now, all with one compute dtype
 and one scaling, and not under lora_forward.value_unused. Only layers bound with the fused 4-bit
-forward are grouped, so a layer whose peft or bitsandbytes code is not a version engine/upstream.py
-knows (left as peft's by engine/patching.py) is never a member.
+forward are grouped, so a layer whose peft or bitsandbytes code is not a version engine/speed/upstream.py
+knows (left as peft's by engine/speed/patching.py) is never a member.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class ProjectionGroup:
 def group_projections(model: nn.Module, bind) -> int:
     """Groups the fused 4-bit LoRA projections of every attention / MLP module of `model`.
 
-    `bind(module, group, index)` records one member (engine.patching keeps the undo). Returns the
+    `bind(module, group, index)` records one member (engine.speed.patching keeps the undo). Returns the
     number of projections grouped (5 a Llama layer).
     """
     made = 0

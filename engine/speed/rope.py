@@ -11,11 +11,11 @@ Cache, sliding windows, q/k norms and the attention interface stay the installed
 The globals are a snapshot taken now: rebinding a name in the modeling module later is not seen
 by the copies. A forward that does not call `apply_rotary_pos_emb` from its globals, or one
 with parameters other than (q, k, cos, sin[, position_ids][, unsqueeze_dim]), is left as it is,
-with the reason. engine/patching.py binds the copies (and undoes them on revert).
+with the reason. engine/speed/patching.py binds the copies (and undoes them on revert).
 
 The kernel computes q cos + rotate_half(q) sin with rotate_half = cat(-x2, x1) over the halves of
 the head dimension. So the `apply_rotary_pos_emb` found, and the `rotate_half` of its own globals,
-must be versions engine/upstream.py knows; otherwise the attention stays transformers' with the
+must be versions engine/speed/upstream.py knows; otherwise the attention stays transformers' with the
 reason "RoPE kernel off: transformers X changed ...". With the `kernels` package installed (0.19
 with transformers 5.25 here), the modeling module holds `apply_rotary_pos_emb` as a kernels Func
 module (`use_kernel_forward_from_hub("rotary_pos_emb")`): the function inside it is checked and
@@ -78,7 +78,7 @@ def _forward_with_rope_kernel(forward, backend: str) -> types.FunctionType:
     Raises:
         NoRopeHook: no function in the chain calls apply_rotary_pos_emb from its globals, a
             decorator does not hold the function it wraps in its closure, the original
-            apply_rotary_pos_emb (or its rotate_half) is not a version engine/upstream.py knows,
+            apply_rotary_pos_emb (or its rotate_half) is not a version engine/speed/upstream.py knows,
             or it has parameters the kernel does not take.
     """
     if not isinstance(forward, types.FunctionType):
@@ -98,7 +98,7 @@ def _forward_with_rope_kernel(forward, backend: str) -> types.FunctionType:
 
 def _known_rope(original) -> types.FunctionType:
     """The plain apply_rotary_pos_emb inside `original` (a kernels Func module or the function),
-    checked with its rotate_half against engine/upstream.py.
+    checked with its rotate_half against engine/speed/upstream.py.
 
     Raises:
         NoRopeHook: the Func holds no function, or the code is not a known version (the message is

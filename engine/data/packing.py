@@ -28,10 +28,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .atomic import file_sha256, write_bytes_atomic
-from .config import DataConfig
+from ..atomic import file_sha256, write_bytes_atomic
+from ..config import DataConfig
 from .corpus import corpus_size_bytes, expand_corpus_paths, read_documents
-from .errors import CorpusError, ModelSourceError
+from ..errors import CorpusError, ModelSourceError
 
 logger = logging.getLogger(__name__)
 

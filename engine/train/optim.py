@@ -2,7 +2,7 @@
 
 training.embedding_optimizer picks the embeddings group's optimizer: torch AdamW (one optimizer
 for both groups), bitsandbytes' AdamW8bit (blockwise 8-bit states) or our fused8bit
-(engine/fused_adamw.py: Triton, 8-bit states, stochastic rounding into bf16 weights) for that
+(engine/train/fused_adamw.py: Triton, 8-bit states, stochastic rounding into bf16 weights) for that
 group beside torch AdamW for the rest, joined in a `CombinedOptimizer` that the scheduler,
 clipping, checkpoints and resume treat as one optimizer. training.embedding_weights (fp32 or bf16
 copies) is resolved here too, since bf16 is only sound with the fused8bit update.
@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from .adapters import describe_param_groups, embedding_param_groups
-from .config import RunConfig
+from ..model.adapters import describe_param_groups, embedding_param_groups
+from ..config import RunConfig
 
 
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -57,7 +57,7 @@ def resolve_embedding_weights(cfg: RunConfig, device: torch.device) -> torch.dty
     if kind == "fused8bit" and autocast:
         return torch.bfloat16
     if t.embedding_weights == "bf16":
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         why = ("needs bf16 autocast, i.e. a CUDA GPU with bf16" if kind == "fused8bit" else
                f"needs embedding_optimizer fused8bit, and it resolved to {kind} here")
@@ -94,7 +94,7 @@ def build_optimizer(model, cfg: RunConfig, device: torch.device):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            from .errors import ConfigError
+            from ..errors import ConfigError
             raise ConfigError({"training.embedding_optimizer": "adamw8bit needs bitsandbytes, "
                                "which is not installed; use adamw or fused8bit"}) from None
         # Tensors under 4096 elements (bnb's min_8bit_size) keep 32-bit states inside bnb too.

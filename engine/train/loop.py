@@ -19,16 +19,16 @@ from typing import Optional
 
 import torch
 
-from .atomic import publish_dir_atomic, write_text_atomic
-from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from .control import ControlChannel
-from .errors import CptError, exception_text
+from ..atomic import publish_dir_atomic, write_text_atomic
+from ..runs.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..runs.control import ControlChannel
+from ..errors import CptError, exception_text
 from .evaluation import evaluate_blocks, generate_samples
-from .events import (CheckpointSaved, EvalMetrics, Log, Phase, RunFailed, RunFinished, RunStarted,
+from ..runs.events import (CheckpointSaved, EvalMetrics, Log, Phase, RunFailed, RunFinished, RunStarted,
                      Sample, StepMetrics)
 from .grad_clip import clip_grad_norm
 from .system_metrics import SystemMonitor
-from .training_setup import TRAINER_STATE_FILE, TrainingSetup, setup_training
+from .setup import TRAINER_STATE_FILE, TrainingSetup, setup_training
 
 log = logging.getLogger(__name__)
 

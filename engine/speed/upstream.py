@@ -3,7 +3,7 @@
     reason = check("apply_rotary_pos_emb", fn)   # None: a version we know; else one line, e.g.
     # "RoPE kernel off: transformers 5.26.0 changed apply_rotary_pos_emb (fingerprint 1a2b3c4d5e6f)"
 
-engine/patching.py, rope_patch.py, lora_forward.py and offload_checkpoint.py replace functions of
+engine/speed/patching.py, rope_patch.py, lora_forward.py and offload_checkpoint.py replace functions of
 transformers, peft and bitsandbytes with code that computes the same thing another way. "The same
 thing" holds for the versions they were written for; a release can change what a function computes
 (a Gemma-style `1 + weight` norm, a logit soft-cap, another term in peft's LoRA forward) with no
@@ -67,21 +67,21 @@ _TF = "5.17.0 5.18.0 5.19.0 5.20.2 5.21.1 5.22.2 5.23.0 5.24.0 5.25.0"
 _PEFT = "0.21.0 0.21.1 0.21.2"
 
 KNOWN: dict[str, Internal] = {
-    # engine/patching.py: kernels.rmsnorm computes weight * (x / rms(x)) in x's dtype
+    # engine/speed/patching.py: kernels.rmsnorm computes weight * (x / rms(x)) in x's dtype
     "RMSNorm.forward": Internal("transformers", "RMSNorm kernel", _models("{}RMSNorm.forward"), {
         "51d7ea77e576": _TF}),
-    # engine/patching.py: down(swiglu(gate(x), up(x))), silu on the gate
+    # engine/speed/patching.py: down(swiglu(gate(x), up(x))), silu on the gate
     "MLP.forward": Internal("transformers", "SwiGLU kernel", _models("{}MLP.forward"), {
         "10010f304d2f": _TF}),
     "SiLUActivation.forward": Internal("transformers", "SwiGLU kernel", (
         "transformers.activations:SiLUActivation.forward",), {
         "e035859ec920": _TF}),
-    # engine/rope_patch.py: kernels.apply_rope = q cos + rotate_half(q) sin (halves, not pairs)
+    # engine/speed/rope.py: kernels.apply_rope = q cos + rotate_half(q) sin (halves, not pairs)
     "apply_rotary_pos_emb": Internal("transformers", "RoPE kernel", _models("apply_rotary_pos_emb"), {
         "2c9eb8a47e50": _TF}),
     "rotate_half": Internal("transformers", "RoPE kernel", _models("rotate_half"), {
         "bc7d83913876": _TF}),
-    # engine/patching.py fused loss: lm_head(hidden) with no scale or soft-cap, then the mean
+    # engine/speed/patching.py fused loss: lm_head(hidden) with no scale or soft-cap, then the mean
     # cross-entropy of the shifted labels, -100 ignored
     "ForCausalLM.forward": Internal("transformers", "fused lm_head + cross-entropy",
                                     _models("{}ForCausalLM.forward"), {
@@ -102,14 +102,14 @@ KNOWN: dict[str, Internal] = {
     "BaseTuner.forward": Internal("peft", "fused lm_head + cross-entropy", (
         "peft.tuners.tuners_utils:BaseTuner.forward",), {
         "ca9b3387f5da": _PEFT}),
-    # engine/patching.py resolve_lm_head: which module a modules_to_save lm_head runs
+    # engine/speed/patching.py resolve_lm_head: which module a modules_to_save lm_head runs
     "AuxiliaryTrainingWrapper.forward": Internal("peft", "fused lm_head + cross-entropy", (
         "peft.utils.other:AuxiliaryTrainingWrapper.forward",), {
         "152b9cce2d19": _PEFT}),
     "ModulesToSaveWrapper._forward_wrapped": Internal("peft", "fused lm_head + cross-entropy", (
         "peft.utils.other:ModulesToSaveWrapper._forward_wrapped",), {
         "302cc56ce8c5": _PEFT}),
-    # engine/lora_forward.py: base(x) + scaling * B(A(x)) with x cast to A's dtype (resolve_lm_head
+    # engine/speed/lora_forward.py: base(x) + scaling * B(A(x)) with x cast to A's dtype (resolve_lm_head
     # reads a LoRA lm_head the same way)
     "lora.Linear.forward": Internal("peft", "lean LoRA forward", (
         "peft.tuners.lora.layer:Linear.forward",), {
@@ -120,12 +120,12 @@ KNOWN: dict[str, Internal] = {
     "lora.bnb.Linear4bit.forward": Internal("peft", "fused 4-bit LoRA forward", (
         "peft.tuners.lora.bnb:Linear4bit.forward",), {
         "39a6dff4fb0d": _PEFT}),
-    # engine/lora_forward.py LoRA4bitLinearFunction: bitsandbytes' 4-bit forward (compute dtype,
+    # engine/speed/lora_forward.py LoRA4bitLinearFunction: bitsandbytes' 4-bit forward (compute dtype,
     # bias cast, dequantize + GEMM) done by hand
     "bnb.Linear4bit.forward": Internal("bitsandbytes", "fused 4-bit LoRA forward", (
         "bitsandbytes.nn.modules:Linear4bit.forward",), {
         "6dd4c249a10b": "0.50.0 0.50.1 0.50.2"}),
-    # engine/offload_checkpoint.py: each layer calls _gradient_checkpointing_func(fn, *args)
+    # engine/speed/offload_checkpoint.py: each layer calls _gradient_checkpointing_func(fn, *args)
     # with the hidden state first, and fn's keyword arguments bound in a functools.partial
     "GradientCheckpointingLayer": Internal("transformers", "offloaded checkpointing", (
         "transformers.modeling_layers:GradientCheckpointingLayer",), {

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .atomic import fsync_dir
-from .errors import ModelSourceError, exception_text, import_hint
+from ..atomic import fsync_dir
+from ..errors import ModelSourceError, exception_text, import_hint
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def _adapter_label(path: Path) -> str:
 
 def latest_run_adapter(run: Path) -> Path | None:
     """The newer of a run's final adapter/ and its latest complete checkpoint (None if neither)."""
-    from .checkpoints import latest_checkpoint
+    from ..runs.checkpoints import latest_checkpoint
 
     candidates = []
     final = run / "adapter"
@@ -284,7 +284,7 @@ def _content_hash(path: Path, chunk: int = 4 * 1024 ** 2) -> str:
 
 def _remove_dead_temps(final: Path) -> None:
     """Delete half-written conversions of `final` whose writer process is gone."""
-    from .runs import process_alive
+    from ..runs.store import process_alive
 
     for tmp in final.parent.glob(f".{final.name}.tmp-*"):
         match = re.match(r".*\.tmp-(\d+)-", tmp.name)

@@ -23,7 +23,7 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
-from .errors import CorpusError
+from ..errors import CorpusError
 
 logger = logging.getLogger(__name__)
 

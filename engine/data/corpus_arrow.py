@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .corpus import _row_values, _Source, pick_text_column
-from .errors import CorpusError
+from ..errors import CorpusError
 
 _ARROW_BATCH = 1024          # parquet / arrow rows per batch
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .config import RunConfig
+from ..config import RunConfig
 
 GIB = 1024 ** 3
 CUDA_CONTEXT_BYTES = 500 * 1024 ** 2

@@ -43,8 +43,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .atomic import publish_dir_atomic, write_text_atomic
-from .errors import CheckpointError, CptError, WorkspaceError
+from ..atomic import publish_dir_atomic, write_text_atomic
+from ..errors import CheckpointError, CptError, WorkspaceError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def resolve_export_source(source: str | Path, workspace) -> tuple[Path, Path]:
         WorkspaceError: no run of that id and no such folder.
         CheckpointError: a run with no adapter or checkpoint yet; a folder that is no adapter.
     """
-    from .model_source import latest_run_adapter
+    from .source import latest_run_adapter
 
     text = str(source or "").strip()
     if not text:
@@ -178,12 +178,12 @@ def export_merged(source: str | Path, out_dir: Path | None, workspace, dtype: st
     if trust_remote_code is None:
         trust_remote_code = _run_trusts_remote_code(run)
 
-    from .model_source import resolve_model_source
+    from .source import resolve_model_source
     resolved = resolve_model_source(str(adapter), workspace.models_dir,
                                     lambda f, m="": report(0.1 * f, m))
 
     import torch
-    from .model_loading import load_base_model
+    from .loading import load_base_model
 
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ def export_merged(source: str | Path, out_dir: Path | None, workspace, dtype: st
         model, _ = load_base_model(resolved, dtype, "cpu", trust_remote_code=trust_remote_code)
         report(0.3, "Attaching the adapter")
         from .adapters import attach_adapters
-        from .config import AdapterConfig
+        from ..config import AdapterConfig
         peft_model = attach_adapters(model, AdapterConfig(), init_from=str(adapter))
         peft_model.eval()
         peft_model.requires_grad_(False)
@@ -278,7 +278,7 @@ def _check_destination(final: Path, overwrite: bool, adapter: Path, run: Path | 
 
 
 def _check_adapter_intact(adapter: Path) -> None:
-    from .checkpoints import is_checkpoint, verify_checkpoint
+    from ..runs.checkpoints import is_checkpoint, verify_checkpoint
 
     if is_checkpoint(adapter):
         verify_checkpoint(adapter, full=True)
@@ -287,7 +287,7 @@ def _check_adapter_intact(adapter: Path) -> None:
 def _run_trusts_remote_code(run: Path | None) -> bool:
     if run is None:
         return False
-    from .runs import RunDir
+    from ..runs.store import RunDir
 
     model = RunDir(run).raw_config().get("model")
     return bool(model.get("trust_remote_code")) if isinstance(model, dict) else False
@@ -331,7 +331,7 @@ def _verify(folder: Path, ids, reference, dtype: str, trust_remote_code: bool) -
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .model_loading import _DTYPES
+    from .loading import _DTYPES
 
     hint = ("The export was not kept. Try fp32 (a 16-bit merge rounds the adapter's small changes "
             "away); if fp32 fails too, report it with the run's adapter_config.json.")
@@ -392,7 +392,7 @@ def _is_disk_full(exc: BaseException, folder: Path) -> bool:
 
 def _remove_dead_temps(final: Path) -> None:
     """Half-written exports of `final` whose writer process is gone."""
-    from .runs import process_alive
+    from ..runs.store import process_alive
 
     for tmp in final.parent.glob(f".{final.name}.tmp-*"):
         match = re.match(r".*\.tmp-(\d+)-", tmp.name)

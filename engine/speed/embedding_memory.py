@@ -10,7 +10,7 @@ embedding_weights, sparse_embedding_grad), applied by training_setup.prepare_emb
 adapters are attached.
 
 bf16 copies (embedding_weights) halve the weights and their gradients; they are only sound with
-the fused8bit optimizer, which rounds each update stochastically into bf16 (engine/optim.py
+the fused8bit optimizer, which rounds each update stochastically into bf16 (engine/train/optim.py
 decides). A sparse embed_tokens gradient (`nn.Embedding(sparse=True)` on the trained copy) holds
 only the rows of the batch's tokens (P1: at most 4,096 of 128,256 rows) instead of a dense
 vocab x hidden matrix; trainer's clipping and fused8bit read it, torch AdamW cannot, so it is
@@ -42,7 +42,7 @@ import logging
 import torch
 from torch import nn
 
-from .adapters import embedding_modules
+from ..model.adapters import embedding_modules
 
 log = logging.getLogger(__name__)
 

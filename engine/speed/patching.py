@@ -1,6 +1,6 @@
 """Applies the Triton kernels to one loaded model instance, reversibly.
 
-Usage (engine/training_setup.py):
+Usage (engine/train/setup.py):
     patch = apply_kernels(model, enabled=True)       # a PeftModel or a plain causal LM
     loss = patch.loss(model, input_ids, labels)      # fused lm_head + CE where it applies
     patch.summary()                                  # lines for the Run page / log
@@ -11,24 +11,24 @@ transformers are never touched, nothing happens at import time):
 - every RMSNorm of a Llama / Mistral / Qwen2 / Qwen3 model -> kernels.rmsnorm
 - every MLP of those models with a SiLU gate: down(swiglu(gate(x), up(x))); gate/up/down stay
   the modules they are (LoRA-wrapped or 4-bit), only the activation product is fused; in an
-  offloaded checkpoint's recompute (engine.offload_checkpoint.in_recompute) down_proj runs under
+  offloaded checkpoint's recompute (engine.speed.offload_checkpoint.in_recompute) down_proj runs under
   lora_forward.value_unused: the MLP output only feeds the layer output, which the recompute
   never reads, so a fused 4-bit down_proj skips its dequantize and GEMMs there
 - every peft LoRA Linear (nn.Linear or bnb Linear4bit base) with one active adapter, no DoRA, no
-  dropout (p=0), not merged -> engine.lora_forward: base(x) then one in-place addmm of the LoRA
+  dropout (p=0), not merged -> engine.speed.lora_forward: base(x) then one in-place addmm of the LoRA
   product with the scaling folded in (no clone, no full-size mul/add); a 4-bit base runs the whole
   projection as one autograd function (dequantize, GEMMs, hand-written backward); other LoRA
   layers stay peft's; an attention's q/k/v and an MLP's gate/up, when all take that function, run
-  as one (engine/lora_group.py: x read once for the LoRA A GEMMs, one dx buffer)
+  as one (engine/speed/lora_group.py: x read once for the LoRA A GEMMs, one dx buffer)
 - every attention module of those models -> kernels.apply_rope for q and k: a copy of transformers'
-  own attention forward whose globals hold our `apply_rotary_pos_emb` (engine/rope_patch.py); a
+  own attention forward whose globals hold our `apply_rotary_pos_emb` (engine/speed/rope.py); a
   forward it cannot take is left as it is, with a note why
 - the loss: `patch.loss` runs the decoder body, then the chunked fused lm_head + cross-entropy
   with the head's weight: a plain Linear, peft's modules_to_save copy (fully trained), a peft
-  lora.Linear on a frozen weight, or the tied-embedding LoRA head of engine.adapters.
+  lora.Linear on a frozen weight, or the tied-embedding LoRA head of engine.model.adapters.
 
 Each replaced library function is first checked against the versions it was written for
-(engine/upstream.py: the RMSNorm / MLP / SiLU forwards, apply_rotary_pos_emb and rotate_half, the
+(engine/speed/upstream.py: the RMSNorm / MLP / SiLU forwards, apply_rotary_pos_emb and rotate_half, the
 causal LM forward and its loss function, peft's model, modules_to_save and LoRA forwards,
 bitsandbytes' Linear4bit forward). One that changed leaves its modules on the library's code, with
 one warning in the log and the same line in `summary()`.
@@ -210,9 +210,9 @@ def _loss_code_changed(model: nn.Module, causal_lm: nn.Module) -> str | None:
 
 def _patch_rope(patch: KernelPatch, model: nn.Module, backend: str, label: str) -> None:
     """Binds on every attention module a copy of its class's forward that runs kernels.apply_rope
-    (engine/rope_patch.py); modules whose forward cannot take it are counted in a note (an
+    (engine/speed/rope.py); modules whose forward cannot take it are counted in a note (an
     upstream.check reason is noted as it is)."""
-    from .rope_patch import ROPE_OFF, rope_forwards
+    from .rope import ROPE_OFF, rope_forwards
 
     forwards, left = rope_forwards(model, _CLASS_PREFIXES, backend)
     for module, forward in forwards:
@@ -248,7 +248,7 @@ def _patch_lora_layers(patch: KernelPatch, model: nn.Module) -> None:
 
 
 def _group_lora_layers(patch: KernelPatch, model: nn.Module) -> None:
-    """q/k/v and gate/up of each layer as one function (engine/lora_group.py), where all members
+    """q/k/v and gate/up of each layer as one function (engine/speed/lora_group.py), where all members
     took the fused 4-bit forward above; off with lora_group.ENABLED = False (bench A/B)."""
     from . import lora_group
     from .lora_forward import GROUP_ATTR
@@ -300,7 +300,7 @@ def resolve_lm_head(causal_lm: nn.Module) -> LmHead:
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import ModulesToSaveWrapper
 
-    from .adapters import TiedLoraHead
+    from ..model.adapters import TiedLoraHead
 
     head = causal_lm.get_output_embeddings()
     kind = ""

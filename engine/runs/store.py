@@ -24,9 +24,9 @@ from typing import NamedTuple, Optional
 import psutil
 import yaml
 
-from .atomic import fsync_dir, write_text_atomic
-from .config import RunConfig, validate
-from .errors import ConfigError, WorkspaceError
+from ..atomic import fsync_dir, write_text_atomic
+from ..config import RunConfig, validate
+from ..errors import ConfigError, WorkspaceError
 from .events import Event, EventError, RunFailed, RunFinished, RunStarted, from_json, to_json
 
 log = logging.getLogger(__name__)

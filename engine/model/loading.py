@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelSourceError, exception_text, import_hint
-from .model_source import ResolvedModel
+from ..errors import ModelSourceError, exception_text, import_hint
+from .source import ResolvedModel
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,14 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .adapters import attach_adapters, count_parameters
-from .batches import BlockSampler
-from .config import RunConfig
-from .events import Phase
-from .model_loading import load_base_model
-from .model_source import resolve_model_source
+from ..model.adapters import attach_adapters, count_parameters
+from ..data.batches import BlockSampler
+from ..config import RunConfig
+from ..runs.events import Phase
+from ..model.loading import load_base_model
+from ..model.source import resolve_model_source
 from .optim import build_optimizer, build_scheduler
-from .packing import build_packed_data
+from ..data.packing import build_packed_data
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def prepare_embeddings(model, cfg: RunConfig, device: torch.device) -> dict:
     fp32 masters (or bf16 trained embed_tokens/lm_head copies), peft's frozen originals freed,
     the residual stream kept in the autocast dtype, a row-sparse embed_tokens gradient. Returns
     what was done, for the logs and the bench."""
-    from .embedding_memory import (copy_weights, free_frozen_originals,
+    from ..speed.embedding_memory import (copy_weights, free_frozen_originals,
                                    keep_stream_in_compute_dtype, use_sparse_embedding_grad)
     from .optim import resolve_embedding_optimizer, resolve_embedding_weights
 
@@ -168,7 +168,7 @@ def enable_checkpointing(model, cfg: RunConfig, device: torch.device) -> int:
     mode = cfg.training.offload_checkpoints
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return 0
-    from .offload_checkpoint import enable_offloaded_checkpointing
+    from ..speed.offload_checkpoint import enable_offloaded_checkpointing
 
     return enable_offloaded_checkpointing(model)
 
@@ -188,7 +188,7 @@ def describe_memory_setup(memory: dict) -> list[str]:
 
 def _load_optimizer_state(optimizer, folder: Path) -> None:
     """Adam moments from a checkpoint; the learning rates stay those of the new config."""
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
 
     path = folder / "optimizer.pt"
     if not path.is_file():
@@ -214,7 +214,7 @@ def _make_loss_fn(model, cfg: RunConfig, device: torch.device):
     summary: list = []
     patch = None
     if use_kernels:
-        from .patching import apply_kernels
+        from ..speed.patching import apply_kernels
 
         patch = apply_kernels(model, True, defer_head_grad=cfg.training.defer_head_grad)
         summary = list(patch.summary())

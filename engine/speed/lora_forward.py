@@ -39,13 +39,13 @@ no quant_state, its bias is trained, or, without autocast, the compute dtype dif
 weights' dtype (peft adds the LoRA product in the LoRA dtype there); and peft's forward when the
 weight was repacked for bitsandbytes' AVX512-BF16 CPU inference kernel
 (`quant_state.packing_format_for_cpu`: a layout dequantize_4bit does not read; the loader turns
-that repacking off, engine/model_loading.py). tests/engine/test_lora_forward.py checks loss and every
+that repacking off, engine/model/loading.py). tests/engine/test_lora_forward.py checks loss and every
 trainable gradient against peft's forward.
 
-Upstream versions (engine/upstream.py, checked by engine/patching.py before binding): peft's
+Upstream versions (engine/speed/upstream.py, checked by engine/speed/patching.py before binding): peft's
 forward of the layer (lora.Linear / lora.bnb.Linear4bit, and the _cast_input_dtype it calls) must be
 one we know, and under a 4-bit layer so must bitsandbytes' Linear4bit.forward, which the fused
-function does by hand; else the layer stays peft's (`library_code_changed`). engine/lora_group.py
+function does by hand; else the layer stays peft's (`library_code_changed`). engine/speed/lora_group.py
 groups only layers that took the fused function, so it inherits these checks.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ LEAN_LABELS = {"linear": "LoRA Linear (lean fused add)",
                "4bit": "LoRA Linear4bit (fused 4-bit LoRA function)"}
 _DEQUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _local = threading.local()   # .value_unused: set by value_unused() around one call
-GROUP_ATTR = "_cpt_lora_group"   # (engine.lora_group.ProjectionGroup, index) on a grouped layer
+GROUP_ATTR = "_cpt_lora_group"   # (engine.speed.lora_group.ProjectionGroup, index) on a grouped layer
 
 
 @contextlib.contextmanager
@@ -73,7 +73,7 @@ def value_unused():
     """The fused 4-bit LoRA projection called inside returns a placeholder instead of its value.
 
     Only for a call whose output is backpropagated through but never read: the MLP's down_proj in
-    an offloaded checkpoint's recompute (engine.patching), where the layer's output only carries
+    an offloaded checkpoint's recompute (engine.speed.patching), where the layer's output only carries
     the gradient. The function still saves x and x A^T for its backward, which needs no output,
     so the base GEMM, the LoRA B GEMM and the weight's dequantization are skipped (27% of a
     Llama-8B layer's projection FLOPs in the recompute). Other layer kinds ignore it.
@@ -150,7 +150,7 @@ def make_lean_forward(module: nn.Module, name: str, fallback):
     def lora_4bit_fused_forward(self, x, *args, **kwargs):
         if falls_back(self, name, args, kwargs):
             return fallback(x, *args, **kwargs)
-        group = self.__dict__.get(GROUP_ATTR)   # engine.lora_group: computed with its group
+        group = self.__dict__.get(GROUP_ATTR)   # engine.speed.lora_group: computed with its group
         if group is not None:
             out = group[0].output(group[1], x)
             if out is not None:
@@ -163,7 +163,7 @@ def make_lean_forward(module: nn.Module, name: str, fallback):
             return fallback(x)  # repacked for bnb's CPU inference kernel: bnb's own path only
         return lean(self, x)  # qs lost (e.g. by FSDP): Linear4bit.forward restores it
 
-    lora_4bit_fused_forward.adapter_name = name   # engine.lora_group finds the fused layers by it
+    lora_4bit_fused_forward.adapter_name = name   # engine.speed.lora_group finds the fused layers by it
     return lora_4bit_fused_forward
 
 
