@@ -21,6 +21,7 @@ import sys
 
 from .config import RunConfig, apply_overrides
 from .errors import CptError
+from .model.export import DTYPES as EXPORT_DTYPES   # stdlib-only at import: --help stays fast
 
 log = logging.getLogger("cpt_studio")
 
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="Merge a run's adapter into its base model and save "
                             "it as one model folder (verified by loading it back).")
     export.add_argument("run", help="Run id, run folder, or an adapter or checkpoint folder.")
-    export.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16",
+    export.add_argument("--dtype", choices=EXPORT_DTYPES, default="bf16",
                         help="Precision of the merged weights (default bf16).")
     export.add_argument("--out", metavar="DIR", help="Output folder (default: "
                         "runs/<id>/exports/merged-<dtype>/).")

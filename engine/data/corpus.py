@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import sys
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator
 
 from ..errors import CorpusError
-
-logger = logging.getLogger(__name__)
+from .corpus_source import CorpusSource, pick_text_column, row_values
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".csv", ".parquet")
-TEXT_COLUMN_NAMES = ("text", "content", "body", "document", "article", "raw", "passage")
 HF_DATASET_FORMAT = "hf_dataset"
 _SNIFF_BYTES = 8192          # NUL bytes in this prefix mark a binary file
 _PEEK_ROWS = 20              # rows looked at to find the text column of jsonl/csv
@@ -48,12 +45,6 @@ class CorpusFileInfo:
     characters: int = 0
     preview: str = ""                              # the start of the first document
     error: str = ""                                # the CorpusError message, "" when readable
-
-
-class _Source(NamedTuple):
-    columns: list
-    column: str
-    values: Iterator      # raw values of the text column (str or None), before cleaning
 
 
 # ---- paths ---------------------------------------------------------------------------------
@@ -199,7 +190,7 @@ def _clean_stream(path: Path, values: Iterable) -> Iterator[str]:
         raise CorpusError(f"Cannot read corpus file '{path}': {exc.strerror or exc}") from None
 
 
-def _open_source(path: Path, text_column: str) -> _Source:
+def _open_source(path: Path, text_column: str) -> CorpusSource:
     """Open a file, settle its text column, and return a lazy iterator over the raw values."""
     fmt = corpus_format(path)
     try:
@@ -213,7 +204,7 @@ def _open_source(path: Path, text_column: str) -> _Source:
             raise CorpusError(f"Corpus file '{path}' is not text (found NUL bytes); remove it or "
                               "pick text files", "If it is UTF-16 text, re-save it as UTF-8.")
         if fmt in ("txt", "md"):
-            return _Source([], "", iter([decode_utf8(path.read_bytes(), path)]))
+            return CorpusSource([], "", iter([decode_utf8(path.read_bytes(), path)]))
         if fmt == "json":
             return _open_json(path, text_column)
         if fmt == "jsonl":
@@ -255,7 +246,7 @@ def _jsonl_rows(path: Path) -> Iterator:
                               '{"text": "..."}. Fix or delete that line.') from None
 
 
-def _open_json(path: Path, text_column: str) -> _Source:
+def _open_json(path: Path, text_column: str) -> CorpusSource:
     text = decode_utf8(path.read_bytes(), path).lstrip("\ufeff")
     try:
         data = json.loads(text)
@@ -276,14 +267,14 @@ def _open_json(path: Path, text_column: str) -> _Source:
     return _open_rows(path, iter(data), text_column)
 
 
-def _open_rows(path: Path, rows: Iterator, text_column: str) -> _Source:
+def _open_rows(path: Path, rows: Iterator, text_column: str) -> CorpusSource:
     """Rows of JSON values: either all strings (each a document) or all objects (read a column)."""
     peeked = list(islice(rows, _PEEK_ROWS))
     rows = chain(peeked, rows)
     if not peeked and not text_column:
-        return _Source([], "", iter(()))       # an empty file adds nothing; it is not an error
+        return CorpusSource([], "", iter(()))  # an empty file adds nothing; it is not an error
     if peeked and isinstance(peeked[0], str) and not text_column:
-        return _Source([], "", _row_values(path, rows, None))
+        return CorpusSource([], "", row_values(path, rows, None))
     columns: list[str] = []
     for row in peeked:
         if isinstance(row, dict):
@@ -291,22 +282,10 @@ def _open_rows(path: Path, rows: Iterator, text_column: str) -> _Source:
     samples = {c: [r.get(c) for r in peeked if isinstance(r, dict)] for c in columns}
     column = pick_text_column(path, columns, text_column,
                               lambda c: any(isinstance(v, str) for v in samples[c]))
-    return _Source(columns, column, _row_values(path, rows, column))
+    return CorpusSource(columns, column, row_values(path, rows, column))
 
 
-def _row_values(path: Path, rows: Iterable, column: str | None) -> Iterator:
-    """The text of each row: the row itself (column None) or its column; non-text is an error."""
-    where = f"column '{column}'" if column is not None else "the list"
-    for index, row in enumerate(rows):
-        value = row.get(column) if column is not None and isinstance(row, dict) else row
-        if value is not None and not isinstance(value, str):
-            raise CorpusError(f"Corpus file '{path}', record {index + 1}: expected text in "
-                              f"{where}, found a {type(value).__name__}",
-                              "Every record must hold its text as a string.")
-        yield value
-
-
-def _open_csv(path: Path, text_column: str) -> _Source:
+def _open_csv(path: Path, text_column: str) -> CorpusSource:
     # Corpus cells can be whole books; the csv module's default 128 KiB cap would reject them.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     reader = csv.reader(line for _, line in _text_lines(path))
@@ -316,7 +295,7 @@ def _open_csv(path: Path, text_column: str) -> _Source:
     except csv.Error as exc:
         raise CorpusError(f"Corpus file '{path}' is not valid CSV: {exc}") from None
     if not peeked and not text_column:
-        return _Source(header, "", iter(()))
+        return CorpusSource(header, "", iter(()))
 
     def is_text(index: int) -> bool:
         # Every CSV cell is a string; a column of numbers (ids, scores) is not the text.
@@ -334,7 +313,7 @@ def _open_csv(path: Path, text_column: str) -> _Source:
         except csv.Error as exc:
             raise CorpusError(f"Corpus file '{path}' is not valid CSV "
                               f"(line {reader.line_num}): {exc}") from None
-    return _Source(header, column, values())
+    return CorpusSource(header, column, values())
 
 
 def _is_number(cell: str) -> bool:
@@ -343,26 +322,3 @@ def _is_number(cell: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def pick_text_column(path: Path, columns: list, given: str, holds_text) -> str:
-    """The given column (checked), else the first preferred name, else the first text column."""
-    if given:
-        if given not in columns:
-            raise CorpusError(f"Corpus file '{path}' has no column '{given}' (columns: "
-                              f"{', '.join(map(str, columns)) or 'none'})",
-                              "Set the text column to one of the listed columns, or leave it "
-                              "empty to detect it.")
-        return given
-    lowered = {str(c).lower(): c for c in reversed(columns)}
-    for name in TEXT_COLUMN_NAMES:
-        if name in lowered:
-            return lowered[name]
-    for column in columns:
-        if holds_text(column):
-            logger.debug("%s: no column named like text; reading %r, the first text column",
-                         path, column)
-            return column
-    raise CorpusError(f"Corpus file '{path}' has no column holding text (columns: "
-                      f"{', '.join(map(str, columns)) or 'none'})",
-                      "Set the text column to the one that holds the documents.")

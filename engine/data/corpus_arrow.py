@@ -1,6 +1,7 @@
 """Columnar corpus formats through pyarrow: .parquet files and Hugging Face dataset folders.
 
-Split from corpus.py, which imports it only when one of these formats is read (pyarrow is heavy).
+Split from corpus.py, which imports it only when one of these formats is read (pyarrow is heavy);
+the pieces both share are in corpus_source.py.
 Both stream in batches, so memory stays bounded however big the file is.
 """
 from __future__ import annotations
@@ -9,13 +10,13 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .corpus import _row_values, _Source, pick_text_column
 from ..errors import CorpusError
+from .corpus_source import CorpusSource, pick_text_column, row_values
 
 _ARROW_BATCH = 1024          # parquet / arrow rows per batch
 
 
-def open_parquet(path: Path, text_column: str) -> _Source:
+def open_parquet(path: Path, text_column: str) -> CorpusSource:
     import pyarrow.parquet as pq
 
     try:
@@ -25,10 +26,10 @@ def open_parquet(path: Path, text_column: str) -> _Source:
     column = _pick_arrow_column(path, table.schema_arrow, text_column)
     # iter_batches walks row groups, so memory stays bounded however big the file is.
     batches = table.iter_batches(batch_size=_ARROW_BATCH, columns=[column])
-    return _Source(table.schema_arrow.names, column, _arrow_values(path, batches, column))
+    return CorpusSource(table.schema_arrow.names, column, _arrow_values(path, batches, column))
 
 
-def open_hf_dataset(folder: Path, text_column: str) -> _Source:
+def open_hf_dataset(folder: Path, text_column: str) -> CorpusSource:
     import pyarrow as pa
 
     files = _hf_arrow_files(folder)
@@ -45,7 +46,7 @@ def open_hf_dataset(folder: Path, text_column: str) -> _Source:
             # save_to_disk writes Arrow IPC *stream* shards; memory-mapping keeps RAM flat.
             with pa.memory_map(str(file)) as source:
                 yield from (b.select([column]) for b in pa.ipc.open_stream(source))
-    return _Source(schema.names, column, _arrow_values(folder, batches(), column))
+    return CorpusSource(schema.names, column, _arrow_values(folder, batches(), column))
 
 
 def _hf_arrow_files(folder: Path) -> list[Path]:
@@ -84,7 +85,7 @@ def _arrow_values(path: Path, batches: Iterable, column: str) -> Iterator:
         for batch in batches:
             yield from ({column: v} for v in batch.column(0).to_pylist())
     try:
-        yield from _row_values(path, rows(), column)
+        yield from row_values(path, rows(), column)
     except (ValueError, OSError) as exc:     # a damaged row group or shard shows up mid-stream
         raise CorpusError(f"Corpus file '{path}' is damaged: reading column '{column}' failed "
                           f"({exc})") from None

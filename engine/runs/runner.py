@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from .events import Event, EventError, Log, RunFailed, RunFinished, RunStarted, from_json
-from .store import COMMANDS, RunDir, process_alive, send_command
+from .store import COMMANDS, RunDir, default_workspace_root, process_alive, send_command
 
 # The worker's Python runs this instead of `-m cpt_studio.engine.cli`: `-m` and `-c` put the working
 # directory first on sys.path, and started from a source checkout our top-level kernels/ folder
@@ -63,13 +63,24 @@ def worker_argv_resume(run_id: str, workspace: str | Path, *, max_steps: int | N
 
 
 def cli_command_text(config_path: str | Path, workspace: str | Path | None = None) -> str:
-    """The shell command a user can copy to run the same training headless."""
+    """The shell command a user can copy to run the same training headless.
+
+    Args:
+        config_path: the saved YAML config.
+        workspace: the workspace root; `--workspace` is added only when it is not the default
+            one (`default_workspace_root()`), which the CLI would pick by itself.
+    """
     parts = ["cpt-studio", "train", str(config_path)]
-    if workspace is not None:
+    if workspace is not None and not _is_default_workspace(workspace):
         parts += ["--workspace", str(workspace)]
     if os.name == "nt":
         return subprocess.list2cmdline(parts)
     return shlex.join(parts)
+
+
+def _is_default_workspace(root: str | Path) -> bool:
+    default = default_workspace_root().expanduser().resolve()
+    return Path(root).expanduser().resolve() == default
 
 
 def _parse_line(line: str) -> Event:

@@ -267,15 +267,5 @@ def _short_name(path: str) -> str:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from PySide6.QtWidgets import QApplication
-
-    from cpt_studio.engine.runs.store import Workspace
-    from cpt_studio.studio.state import StudioState
-
-    app = QApplication(sys.argv)
-    page = CorpusPage(StudioState(Workspace()))
-    page.resize(1400, 900)
-    page.show()
-    sys.exit(app.exec())
+    from cpt_studio.studio.preview import preview_page
+    preview_page(CorpusPage)

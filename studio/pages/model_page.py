@@ -232,15 +232,5 @@ def _describe_resolved(resolved) -> str:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from PySide6.QtWidgets import QApplication
-
-    from cpt_studio.engine.runs.store import Workspace
-    from cpt_studio.studio.state import StudioState
-
-    app = QApplication(sys.argv)
-    page = ModelPage(StudioState(Workspace()))
-    page.resize(1400, 900)
-    page.show()
-    sys.exit(app.exec())
+    from cpt_studio.studio.preview import preview_page
+    preview_page(ModelPage)

@@ -287,21 +287,19 @@ class RunPage(QWidget):
         self.refresh_labels()       # charts catch up through the plot timer, one at a time
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":      # python -P -m cpt_studio.studio.pages.run_page [runs/<id>/events.jsonl]
     import sys
     import tempfile
     from pathlib import Path
 
-    from PySide6.QtWidgets import QApplication
-
     from cpt_studio.engine.runs.events import from_json
-    from cpt_studio.engine.runs.store import Workspace
-    from cpt_studio.studio.state import StudioState
+    from cpt_studio.studio.preview import preview_page
 
-    app = QApplication(sys.argv)
-    page = RunPage(StudioState(Workspace(tempfile.mkdtemp())))
-    if len(sys.argv) > 1:   # python -P -m cpt_studio.studio.pages.run_page runs/<id>/events.jsonl
-        page.replay(from_json(l) for l in Path(sys.argv[1]).read_text().splitlines() if l.strip())
-    page.resize(1280, 820)
-    page.show()
-    app.exec()
+    def _replayed(state):
+        page = RunPage(state)
+        if len(sys.argv) > 1:
+            lines = Path(sys.argv[1]).read_text(encoding="utf-8").splitlines()
+            page.replay(from_json(line) for line in lines if line.strip())
+        return page
+
+    preview_page(_replayed, workspace=tempfile.mkdtemp(prefix="cpt-preview-"), size=(1280, 820))

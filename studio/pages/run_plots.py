@@ -269,15 +269,16 @@ def style_plot(w: pg.PlotWidget, dark: bool) -> None:
             label.setText(label.text, color=fg)
 
 
-if __name__ == "__main__":
-    import sys
-    from PySide6.QtWidgets import QApplication
-    app = QApplication(sys.argv)
-    plots = RunPlots()
-    for step in range(1, 200):
-        plots.add_step(StepMetrics(step=step, epoch=0, loss=2 + 1 / step, lr=1e-4, embedding_lr=1e-5,
-                                   grad_norm=1.0, tokens_seen=0, tokens_per_s=1e4, step_s=0.1))
-    plots.refresh()
-    plots.resize(1100, 500)
-    plots.show()
-    app.exec()
+if __name__ == "__main__":      # python -P -m cpt_studio.studio.pages.run_plots: made-up curves
+    from cpt_studio.studio.preview import preview_page
+
+    def _sample_plots(_state):
+        plots = RunPlots()
+        for step in range(1, 200):
+            plots.add_step(StepMetrics(step=step, epoch=0, loss=2 + 1 / step, lr=1e-4,
+                                       embedding_lr=1e-5, grad_norm=1.0, tokens_seen=0,
+                                       tokens_per_s=1e4, step_s=0.1))
+        plots.refresh()
+        return plots
+
+    preview_page(_sample_plots, size=(1100, 500))

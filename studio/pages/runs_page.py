@@ -363,13 +363,8 @@ def _loss_item(value) -> _Item:
     return _Item("–" if value is None else f"{value:.4f}", value)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":      # python -P -m cpt_studio.studio.pages.runs_page [WORKSPACE]
     import sys
-    from PySide6.QtWidgets import QApplication
-    from cpt_studio.engine.runs.store import Workspace
-    from cpt_studio.studio.state import StudioState
-    app = QApplication(sys.argv)
-    page = RunsPage(StudioState(Workspace(sys.argv[1] if len(sys.argv) > 1 else None)))
-    page.resize(1100, 700)
-    page.show()
-    app.exec()
+
+    from cpt_studio.studio.preview import preview_page
+    preview_page(RunsPage, workspace=sys.argv[1] if len(sys.argv) > 1 else None, size=(1100, 700))

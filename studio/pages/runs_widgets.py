@@ -10,7 +10,9 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, 
                                QHBoxLayout, QLabel, QLineEdit, QPushButton, QTableWidget, QTableWidgetItem,
                                QVBoxLayout)
 
-from cpt_studio.engine.model.export import default_out_dir   # no torch at import: the GUI starts light
+# engine.model.export imports no torch at module level: the GUI starts light
+from cpt_studio.engine.model.export import DTYPES as EXPORT_DTYPES
+from cpt_studio.engine.model.export import default_out_dir
 
 from .run_plots import PALETTE, palette_is_dark, style_plot
 
@@ -157,18 +159,19 @@ def has_weights(run_path: Path) -> bool:
 class ExportDialog(QDialog):
     """Export a run's newest adapter merged into its base: dtype, output folder, overwrite."""
 
-    DTYPES = (("bf16 (half the size of fp32; what most tools load)", "bf16"),
-              ("fp32 (exact merge, twice the size)", "fp32"),
-              ("fp16", "fp16"))
+    # what each of the engine's export dtypes (engine.model.export.DTYPES, in its order) means
+    DTYPE_NOTES = {"bf16": "half the size of fp32; what most tools load",
+                   "fp32": "exact merge, twice the size"}
 
     def __init__(self, run_path: Path, run_name: str, parent=None):
         super().__init__(parent)
         self.setWindowTitle("Export merged model")
         self.run_path = Path(run_path)
         self.dtype = QComboBox()
-        for text, value in self.DTYPES:
-            self.dtype.addItem(text, value)
-        self.out = QLineEdit(str(default_out_dir(self.run_path, "bf16")))
+        for value in EXPORT_DTYPES:
+            note = self.DTYPE_NOTES.get(value)
+            self.dtype.addItem(f"{value} ({note})" if note else value, value)
+        self.out = QLineEdit(str(default_out_dir(self.run_path, self.dtype.currentData())))
         self.out.setToolTip("The folder to create. It must not exist yet, unless it holds an earlier "
                             "export and Overwrite is ticked.")
         browse = QPushButton("Browse…")

@@ -8,7 +8,6 @@ Copy CLI command puts that command (for the current settings) on the clipboard.
 """
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 from PySide6.QtGui import QGuiApplication
@@ -17,7 +16,8 @@ from PySide6.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
 
 from cpt_studio.engine.config import RunConfig
 from cpt_studio.engine.errors import ConfigError
-from cpt_studio.engine.runs.store import default_workspace_root, slugify
+from cpt_studio.engine.runs.runner import cli_command_text
+from cpt_studio.engine.runs.store import slugify
 from cpt_studio.studio.config_form import ERROR_COLOR, ConfigForm
 from cpt_studio.studio.pages.target_modules import TargetModulesBox
 
@@ -49,8 +49,9 @@ class TrainingPage(QWidget):
 
         training = QFormLayout()
         self.form.add_field("training.learning_rate", training)
+        # range, default and tooltip come from the field's metadata (config_form), as for every
+        # other editor; only the step is chosen here
         self.ratio = self.form.add_field("training.embedding_lr_ratio").widget
-        self.ratio.setRange(1.0, 20.0)
         self.ratio.setSingleStep(1.0)
         self.ratio.setMinimumWidth(70)
         self.embedding_lr_label = QLabel()
@@ -125,9 +126,6 @@ class TrainingPage(QWidget):
     def _on_config_changed(self, section: str) -> None:
         cfg = self.state.config
         t = cfg.training
-        if t.embedding_lr_ratio > self.ratio.maximum():   # a loaded config may go past 20
-            self.ratio.setMaximum(t.embedding_lr_ratio)
-            self.form.editors["training.embedding_lr_ratio"].set(t.embedding_lr_ratio)
         direct = t.embedding_learning_rate is not None
         self.ratio.setEnabled(not direct)
         # Short, so the Optimisation column stays narrow enough for three columns at 1300 px;
@@ -183,11 +181,7 @@ class TrainingPage(QWidget):
         if path is None or not path.is_file() or path.read_text(encoding="utf-8") != current:
             name = slugify(self.state.config.name) or "run"
             path = self.save_config_to(self.state.workspace.root / "configs" / f"{name}.yaml")
-        command = f"cpt-studio train {shlex.quote(str(path))}"
-        root = self.state.workspace.root
-        if root != default_workspace_root().expanduser().resolve():
-            command += f" --workspace {shlex.quote(str(root))}"
-        return command
+        return cli_command_text(path, self.state.workspace.root)
 
     def copy_cli_command(self) -> str:
         try:
@@ -222,15 +216,5 @@ def _group(title: str, layout) -> QGroupBox:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from PySide6.QtWidgets import QApplication
-
-    from cpt_studio.engine.runs.store import Workspace
-    from cpt_studio.studio.state import StudioState
-
-    app = QApplication(sys.argv)
-    page = TrainingPage(StudioState(Workspace()))
-    page.resize(1400, 900)
-    page.show()
-    sys.exit(app.exec())
+    from cpt_studio.studio.preview import preview_page
+    preview_page(TrainingPage)

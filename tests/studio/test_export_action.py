@@ -86,3 +86,15 @@ def test_export_action_exports_and_the_banner_says_where(page, runs, qtbot, monk
     page.buttons["export"].trigger()
     qtbot.waitUntil(lambda: page.banner.isVisible() and page.banner.level == "error", timeout=60_000)
     assert "already exists" in page.banner.text() and "Overwrite" in page.banner.text()
+
+
+def test_export_dialog_offers_the_engines_dtypes(qtbot, tmp_path):
+    """The dialog's precisions are engine.model.export.DTYPES (the CLI's --dtype choices), in order."""
+    from cpt_studio.engine.cli import build_parser
+    from cpt_studio.engine.model.export import DTYPES
+    dialog = ExportDialog(tmp_path / "run", "run")
+    qtbot.addWidget(dialog)
+    assert tuple(dialog.dtype.itemData(i) for i in range(dialog.dtype.count())) == DTYPES
+    assert dialog.result_values()[0] == DTYPES[0]
+    assert dialog.out.text().endswith(f"merged-{DTYPES[0]}")
+    assert build_parser().parse_args(["export", "r", "--dtype", DTYPES[-1]]).dtype == DTYPES[-1]

@@ -91,6 +91,15 @@ def test_argv_helpers_and_the_copyable_command(tmp_path):
     assert resume[3:5] == ["resume", "20240101-000000-x"] and resume[-2:] == ["--max-steps", "50"]
     text = cli_command_text(tmp_path / "a b.yaml", tmp_path)
     assert text.startswith("cpt-studio train ") and "'" in text   # the space is quoted
+    assert "--workspace" in text
+
+
+def test_the_copyable_command_leaves_out_the_default_workspace(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPT_STUDIO_HOME", str(tmp_path / "home"))
+    config = tmp_path / "run.yaml"
+    assert cli_command_text(config, tmp_path / "home") == f"cpt-studio train {config}"
+    assert cli_command_text(config) == f"cpt-studio train {config}"
+    assert cli_command_text(config, tmp_path / "other").endswith(f"--workspace {tmp_path / 'other'}")
 
 
 def _sample_events():

@@ -7,7 +7,8 @@ import pytest
 import yaml
 from PySide6.QtGui import QGuiApplication
 
-from cpt_studio.engine.config import RunConfig
+from cpt_studio.engine.config import RunConfig, iter_fields
+from cpt_studio.engine.runs.runner import cli_command_text
 from cpt_studio.engine.runs.store import Workspace
 from cpt_studio.studio.pages.training_page import TrainingPage
 from cpt_studio.studio.state import StudioState
@@ -24,6 +25,10 @@ def page(qtbot, tmp_path):
 
 def editor(page, name):
     return page.form.editors[name].widget
+
+
+def field_of(dotted: str):
+    return next(f for name, f, _tp in iter_fields() if name == dotted)
 
 
 def test_editors_come_from_field_metadata(page):
@@ -54,8 +59,7 @@ def test_changing_a_spin_box_writes_the_config(page):
 
 def test_ratio_updates_embedding_lr_label_and_config(page):
     page.state.set_field("training", "learning_rate", 2e-4)
-    assert page.ratio.minimum() == 1 and page.ratio.maximum() == 20
-    assert page.ratio.value() == 10
+    assert page.ratio.value() == RunConfig().training.embedding_lr_ratio
     assert "embedding lr = 2.0e-05" in page.embedding_lr_label.text()
     page.ratio.setValue(4)
     assert page.state.config.training.embedding_lr_ratio == 4
@@ -109,6 +113,20 @@ def test_target_checkboxes_reflect_the_model(page):
     assert page.state.config.adapter.target_modules == ["down_proj"]
 
 
+def test_hand_placed_editors_keep_the_config_field_bounds(page):
+    """The ratio and the direct embedding lr sit in rows built by the page; their range, default
+    and help must still be the config field's, so the GUI and a YAML config accept the same
+    values (the ratio once stopped at 20 while configs allowed 1000)."""
+    for dotted, widget in (("training.embedding_lr_ratio", page.ratio),
+                           ("training.embedding_learning_rate", page.direct_lr)):
+        f = field_of(dotted)
+        assert (widget.minimum(), widget.maximum()) == (f.metadata["min"], f.metadata["max"])
+        assert f.metadata["help"] in widget.toolTip()
+    page.ratio.setValue(500)                      # past the old GUI-only limit of 20
+    assert page.state.config.training.embedding_lr_ratio == 500
+    assert not page.form.check()
+
+
 def test_target_checkboxes_from_a_real_tiny_model(page, tiny_model_dir):
     from cpt_studio.engine.model.source import describe_model, resolve_model_source
     info = describe_model(resolve_model_source(str(tiny_model_dir("qwen2")),
@@ -157,3 +175,15 @@ def test_copy_cli_command_saves_first(page, tmp_path):
     assert str(mine) in page.copy_cli_command()
     editor(page, "adapter.r").setValue(8)                    # changed since: saved again
     assert str(mine) not in page.copy_cli_command()
+
+
+def test_cli_command_is_the_runners_text(page, monkeypatch):
+    """The page copies the engine's command text: one implementation for the GUI and the runner;
+    --workspace only when the workspace is not the default one."""
+    root = page.state.workspace.root
+    command = page.cli_command()
+    path = root / "configs" / "run.yaml"
+    assert command == cli_command_text(path, root)
+    assert command.endswith(f"--workspace {root}")
+    monkeypatch.setenv("CPT_STUDIO_HOME", str(root))        # now it is the default workspace
+    assert page.cli_command() == f"cpt-studio train {path}"
