@@ -3,10 +3,10 @@
     python bench/engine_train.py --model DIR --shape p1 --steps 12 --warmup 3 [--kernels auto]
     python bench/engine_train.py --model DIR --shape tiny --no-quant         # CPU check
 
-The setup follows engine/training_setup.setup_training step by step (load_base_model,
-attach_adapters, prepare_embeddings (fp32 masters or bf16 embed/head copies, frozen originals
-freed, bf16 stream, sparse embed_tokens grad), enable_checkpointing (offloaded layer inputs),
-build_optimizer (fused8bit embedding states on CUDA), _make_loss_fn)
+The setup follows engine/train/setup.setup_training step by step (the Plan, load_base_model,
+attach_adapters, prepare_model (fp32 masters or bf16 embed/head copies, checkpointing, then the
+plan's speed transforms: frozen originals freed, bf16 stream, sparse embed_tokens grad, offloaded
+layer inputs, kernels), build_optimizer (fused8bit embedding states on CUDA), make_loss_fn)
 with a RunConfig holding the protocol's values; the batches and the timed loop are common.py's,
 the same as baseline_train.py's. Prints one JSON result line.
 """
@@ -49,6 +49,7 @@ def run_config(args, batch: int, seq: int, device: torch.device):
     t.defer_head_grad = not args.eager_head_grad
     t.stream_in_compute_dtype = not args.fp32_stream
     t.free_frozen_embeddings = not args.keep_frozen_embeddings
+    t.disabled_transforms = ["lora_groups"] if args.ungrouped_lora else []
     problems = validate(cfg)
     if problems:
         raise SystemExit(f"bench RunConfig is invalid: {problems}")
@@ -59,21 +60,22 @@ def setup(cfg, device: torch.device):
     """What setup_training does before the data: model, adapters, optimizer, loss function."""
     from cpt_studio.engine.model.adapters import attach_adapters
     from cpt_studio.engine.model.loading import load_base_model
-    from cpt_studio.engine.model.source import resolve_model_source
+    from cpt_studio.engine.model.source import describe_model, resolve_model_source
     from cpt_studio.engine.train.optim import build_optimizer
-    from cpt_studio.engine.train.setup import (_make_loss_fn, enable_checkpointing,
-                                                  prepare_embeddings)
+    from cpt_studio.engine.train.plan import resolve
+    from cpt_studio.engine.train.setup import make_loss_fn, prepare_model
 
     # models_dir is only written for .gguf sources; a model folder resolves to itself.
     resolved = resolve_model_source(cfg.model.source, Path(cfg.model.source).parent)
-    model, _tokenizer = load_base_model(resolved, cfg.model.precision, device.type,
+    plan = resolve(cfg, device, describe_model(resolved, cfg.model.trust_remote_code))
+    model, _tokenizer = load_base_model(resolved, plan.precision, device.type,
                                         cfg.model.trust_remote_code)
     torch.manual_seed(cfg.training.seed)   # LoRA A init: the baseline seeds the same way
     model = attach_adapters(model, cfg.adapter)
-    embeddings = prepare_embeddings(model, cfg, device)
-    embeddings["offloaded_layers"] = enable_checkpointing(model, cfg, device)
-    optimizer, groups = build_optimizer(model, cfg, device)
-    loss_fn, kernels = _make_loss_fn(model, cfg, device)
+    surgery, embeddings = prepare_model(model, plan)
+    embeddings["plan"] = plan.to_dict()
+    optimizer, groups = build_optimizer(model, cfg, plan)
+    loss_fn, kernels = make_loss_fn(model, plan, surgery)
     return model, optimizer, groups, loss_fn, kernels, embeddings
 
 
@@ -106,7 +108,7 @@ def main() -> None:
     parser.add_argument("--dense-embedding-grad", action="store_true",
                         help="training.sparse_embedding_grad off")
     parser.add_argument("--ungrouped-lora", action="store_true",
-                        help="bench only: engine.speed.lora_group.ENABLED off (q/k/v and gate/up each "
+                        help="training.disabled_transforms = [lora_groups] (q/k/v and gate/up each "
                              "their own fused 4-bit function), to measure the grouping")
     parser.add_argument("--sdpa-backend", choices=("auto", "cudnn", "flash", "efficient", "math"),
                         default="auto", help="bench only: torch's attention backend for the steps")
@@ -119,10 +121,6 @@ def main() -> None:
     parser.add_argument("--keep-frozen-embeddings", action="store_true",
                         help="training.free_frozen_embeddings off")
     args = parser.parse_args()
-    if args.ungrouped_lora:
-        from cpt_studio.engine.speed import lora_group
-
-        lora_group.ENABLED = False
     batch, seq = common.resolve_sizes(args)
     result = {"side": "engine", "shape": args.shape, "batch": batch, "seq": seq,
               "steps": args.steps, "warmup": args.warmup, "quant": not args.no_quant,

@@ -145,6 +145,11 @@ class TrainingConfig:
         "lm_head while training (vocab x hidden x 2 bytes each). It is only needed to run the "
         "model with the adapter disabled, which training never does; saved adapters and "
         "checkpoints are unchanged.")
+    disabled_transforms: list = option(
+        [], "Speed transforms to leave off although the settings above would turn them on, by name "
+        "(rmsnorm, swiglu_mlp, rope, lora_forwards, lora_groups, fused_loss, offload_checkpoints, "
+        "stream_in_compute_dtype, free_frozen_embeddings, sparse_embedding_grad): for A/B "
+        "comparisons and for working around a problem in one of them.")
     log_every_steps: int = option(1, "Emit step metrics every N optimizer steps.", minimum=1)
 
 
@@ -306,6 +311,9 @@ def validate(cfg: RunConfig) -> dict[str, str]:
     if not cfg.name.strip():
         problems["name"] = "must not be empty"
     a = cfg.adapter
+    if not isinstance(cfg.training.disabled_transforms, list) or not all(
+            isinstance(m, str) for m in cfg.training.disabled_transforms):
+        problems["training.disabled_transforms"] = "must be a list of transform names"
     if not isinstance(a.target_modules, list) or not all(isinstance(m, str) for m in a.target_modules):
         problems["adapter.target_modules"] = "must be a list of module names"
     for name in ("train_files", "eval_files", "retention_files"):

@@ -25,18 +25,27 @@ def build_tiny_tokenizer(vocab_size: int = 320):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
 
 
-def build_tiny_model(arch: str = "llama", tied: bool = False, vocab_size: int = 320, seed: int = 0):
-    """A 2-layer random causal LM of the given architecture (hidden 32, 4 heads, 2 kv heads)."""
+def build_tiny_model(arch: str = "llama", tied: bool = False, vocab_size: int = 320, seed: int = 0,
+                     **config):
+    """A 2-layer random causal LM of the given architecture (hidden 32, 4 heads, 2 kv heads).
+
+    arch: "llama", "mistral", "qwen2" or "qwen3"; config: further config fields (they win), e.g.
+    sliding_window=4, attention_dropout=0.1, attn_implementation="eager".
+    """
     import torch
     import transformers
 
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=tied, eos_token_id=0, pad_token_id=1, bos_token_id=None)
+    if arch == "qwen3":
+        common["head_dim"] = 8   # Qwen3Config's default is 128, not hidden_size // heads
+    common.update(config)
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[arch]
     torch.manual_seed(seed)
     return model_cls(config_cls(**common))

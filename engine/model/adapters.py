@@ -1,7 +1,7 @@
 """LoRA and trainable embeddings on a loaded base model, and the two optimizer groups.
 
     model = attach_adapters(base, cfg.adapter)                   # or init_from=<adapter folder>
-    groups = embedding_param_groups(model, 2e-4, 2e-5)           # "embeddings" + "other"
+    groups = embedding_param_groups(model, 2e-4, 2e-5)           # EMBEDDINGS_GROUP + LORA_GROUP
     optimizer = torch.optim.AdamW(groups)
 
 embed_tokens and lm_head are each off, `full` (a trained copy, peft modules_to_save) or `lora`.
@@ -24,6 +24,11 @@ from ..config import AdapterConfig
 from ..errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
+
+# The two optimizer groups' names, as saved in optimizer states, RunStarted.param_groups and the
+# logs (so never renamed): trainable embed_tokens / lm_head tensors, and everything else (LoRA).
+EMBEDDINGS_GROUP = "embeddings"
+LORA_GROUP = "other"
 
 # Names of the parts inside a peft tuner layer; discovery reports the layer, never these.
 _TUNER_PARTS = ("base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
@@ -246,8 +251,9 @@ def embedding_param_groups(model: nn.Module, learning_rate: float, embedding_lr:
         if param.requires_grad:
             (embeddings if id(param) in emb_ids else other).append(param)
     return [
-        {"params": embeddings, "lr": embedding_lr, "weight_decay": weight_decay, "name": "embeddings"},
-        {"params": other, "lr": learning_rate, "weight_decay": weight_decay, "name": "other"},
+        {"params": embeddings, "lr": embedding_lr, "weight_decay": weight_decay,
+         "name": EMBEDDINGS_GROUP},
+        {"params": other, "lr": learning_rate, "weight_decay": weight_decay, "name": LORA_GROUP},
     ]
 
 

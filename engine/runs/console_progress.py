@@ -37,6 +37,8 @@ class ConsoleProgress:
                         f"{event.total_steps} steps{resumed}; kernels {'on' if event.kernels else 'off'}")
             self._print(f"  trainable {format_count(event.trainable_params)} of "
                         f"{format_count(event.total_params)} parameters; {groups}")
+            for line in event.plan.get("lines", ())[1:]:   # the first line (device) is said above
+                self._print(f"  {line}")
         elif isinstance(event, Phase) and event.phase != "training":
             if event.progress in (0.0, 1.0, -1) or not self.tty:
                 if event.message:

@@ -47,6 +47,9 @@ class RunStarted(Event):
     resumed_from_step: int = 0
     kernels: bool = False
     pid: int = 0
+    # The run's Plan (engine/train/plan.py, Plan.to_dict()): every decision its `auto` settings
+    # led to, each with its reason, and `lines`, their human-readable form. {} in older runs.
+    plan: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

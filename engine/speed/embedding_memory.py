@@ -6,8 +6,11 @@
     sparse = use_sparse_embedding_grad(model)      # embed_tokens' gradient: rows of seen tokens
 
 Each is a switch of `training` (stream_in_compute_dtype, free_frozen_embeddings,
-embedding_weights, sparse_embedding_grad), applied by training_setup.prepare_embeddings once the
-adapters are attached.
+embedding_weights, sparse_embedding_grad), decided in the Plan. The bf16 storage is set by
+engine/train/setup.prepare_model; the other three are transforms of engine/speed/registry.py
+(`apply_stream_cast`, `apply_free_originals`, `apply_sparse_grad`, each with its undo). Through the
+registry the freed originals wait in host memory (not on the GPU) so that the undo can put them
+back.
 
 bf16 copies (embedding_weights) halve the weights and their gradients; they are only sound with
 the fused8bit optimizer, which rounds each update stochastically into bf16 (engine/train/optim.py
@@ -73,15 +76,18 @@ def keep_stream_in_compute_dtype(model: nn.Module):
     return embedding.register_forward_hook(_cast_to_autocast_dtype)
 
 
-def free_frozen_originals(model: nn.Module) -> int:
+def free_frozen_originals(model: nn.Module, keep: list | None = None) -> int:
     """Replace the weights of peft's frozen `original_module` copies with one-element placeholders.
 
-    Only wrappers whose adapter is active (the copy is what forward uses) are touched. Returns the
-    bytes released (a tensor shared by tied modules counts once).
+    Only wrappers whose adapter is active (the copy is what forward uses) are touched. `keep`, a
+    list, receives (module, name, original weight on the host, placeholder, hook handle) for
+    `restore_frozen_originals`. Returns the bytes released (a tensor shared by tied modules counts
+    once).
     """
     from peft.utils.other import ModulesToSaveWrapper
 
     replaced: dict[int, nn.Parameter] = {}
+    host: dict[int, torch.Tensor] = {}
     freed = 0
     for wrapper_name, wrapper in model.named_modules():
         if not isinstance(wrapper, ModulesToSaveWrapper) or not wrapper.active_adapters:
@@ -89,6 +95,7 @@ def free_frozen_originals(model: nn.Module) -> int:
         if any(a not in wrapper.modules_to_save for a in wrapper.active_adapters):
             continue
         original = wrapper.original_module
+        touched = False
         for module in original.modules():
             for pname, param in list(module._parameters.items()):
                 if (param is None or _is_placeholder(param) or type(param) is not nn.Parameter
@@ -97,14 +104,64 @@ def free_frozen_originals(model: nn.Module) -> int:
                 if id(param) not in replaced:
                     freed += param.numel() * param.element_size()
                     replaced[id(param)] = nn.Parameter(_placeholder(param), requires_grad=False)
+                    if keep is not None:
+                        host[id(param)] = param.detach().to("cpu", copy=True)
                 module._parameters[pname] = replaced[id(param)]
-        if not getattr(original, "_cpt_freed", False):
+                if keep is not None:
+                    keep.append((module, pname, param, host[id(param)]))
+                touched = True
+        if touched:
             name = wrapper_name.rsplit(".", 1)[-1]
-            original.register_forward_pre_hook(_refuse(name))
-            original._cpt_freed = True
+            handle = original.register_forward_pre_hook(_refuse(name))
+            if keep is not None:
+                keep.append(handle)
     if freed:
         log.info("freed %.2f GiB of frozen embed_tokens/lm_head originals", freed / 2**30)
     return freed
+
+
+def restore_frozen_originals(kept: list) -> None:
+    """Puts back what free_frozen_originals(model, keep=kept) replaced (the weights from the host
+    copies, on their device again) and removes its refusing hooks."""
+    back: dict[int, None] = {}
+    for item in reversed(kept):
+        if not isinstance(item, tuple):
+            item.remove()
+            continue
+        module, pname, param, host = item
+        if id(param) not in back:
+            param.data = host.to(param.device)
+            back[id(param)] = None
+        module._parameters[pname] = param
+    kept.clear()
+
+
+def apply_stream_cast(model: nn.Module, surgery) -> None:
+    """The registry's stream_in_compute_dtype transform (keep_stream_in_compute_dtype)."""
+    surgery.on_undo(keep_stream_in_compute_dtype(model).remove)
+    surgery.count(1)
+
+
+def apply_free_originals(model: nn.Module, surgery) -> None:
+    """The registry's free_frozen_embeddings transform: the originals wait in host memory, for
+    the undo (disabling the adapter then works again)."""
+    kept: list = []
+    freed = free_frozen_originals(model, keep=kept)
+    surgery.on_undo(lambda: restore_frozen_originals(kept))
+    surgery.facts["freed_bytes"] = freed
+    if freed:
+        surgery.count(len({id(item[2]) for item in kept if isinstance(item, tuple)}))
+        surgery.note(f"frozen embed_tokens/lm_head originals: {freed / 2**20:.1f} MiB moved to host memory")
+
+
+def apply_sparse_grad(model: nn.Module, surgery) -> None:
+    """The registry's sparse_embedding_grad transform (use_sparse_embedding_grad)."""
+    embed = trained_copies(model).get("embed_tokens")
+    if use_sparse_embedding_grad(model):
+        surgery.on_undo(lambda: setattr(embed, "sparse", False))
+        surgery.count(1)
+    else:
+        surgery.note("embed_tokens gradient stays dense (tied to lm_head, or no trained nn.Embedding copy)")
 
 
 def _placeholder(param: torch.Tensor) -> torch.Tensor:

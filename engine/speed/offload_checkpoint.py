@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -69,25 +68,31 @@ log = logging.getLogger(__name__)
 
 _STATE_ATTR = "_cpt_offload_checkpoint"
 _side_streams: dict[int, Any] = {}   # cuda device index -> side stream for the host copies
-_local = threading.local()            # .recomputing: depth of the recomputes running on this thread
 
 
-def in_recompute() -> bool:
-    """True while this thread re-runs an offloaded layer's forward for its backward.
+class Recompute:
+    """Whether an offloaded layer's forward is being re-run for its backward.
 
-    The recompute's output is only backpropagated through, never read: engine.speed.patching uses this
-    to skip the value of a layer's last projection (its MLP's down_proj) there.
+    One object per model, handed explicitly to its offloaded checkpoints (which count the recomputes
+    they run) and to the patched MLP forwards (engine/speed/patching.py: the recompute's output is
+    only backpropagated through, never read, so the last projection's value can be skipped).
+    The backward runs while the training thread waits for it, so no other forward sees the flag.
     """
-    return getattr(_local, "recomputing", 0) > 0
 
+    def __init__(self):
+        self.depth = 0
 
-@contextlib.contextmanager
-def _recomputing():
-    _local.recomputing = getattr(_local, "recomputing", 0) + 1
-    try:
-        yield
-    finally:
-        _local.recomputing -= 1
+    @property
+    def active(self) -> bool:
+        return self.depth > 0
+
+    @contextlib.contextmanager
+    def running(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
 
 
 @dataclass
@@ -115,6 +120,7 @@ class OffloadStats:
 class _ModelState:
     stats: OffloadStats
     layers: list = field(default_factory=list)   # (module, _LayerCheckpoint)
+    recompute: Recompute = field(default_factory=Recompute)
     chain: _ForwardChain = field(default_factory=lambda: _ForwardChain())
 
 
@@ -139,12 +145,13 @@ class _LayerCheckpoint:
     """The `_gradient_checkpointing_func` of one layer: fn(*args) offloaded, or the previous func."""
 
     def __init__(self, name: str, previous: Callable, stats: OffloadStats, index: int = 0,
-                 chain: _ForwardChain | None = None):
+                 chain: _ForwardChain | None = None, recompute: Recompute | None = None):
         self.name = name
         self.previous = previous
         self.stats = stats
         self.index = index                  # position among the model's switched layers
         self.chain = chain or _ForwardChain()
+        self.recompute = recompute or Recompute()
         self.dummy = torch.empty(0, requires_grad=True)   # makes the output require grad
 
     def __call__(self, fn: Callable, *args):
@@ -162,7 +169,7 @@ class _LayerCheckpoint:
         # Issued before the layer runs, so the device-to-host copy overlaps this layer's compute.
         copy = _HostCopy(hidden, self.chain.link(self.index))
         self.chain.record(self.index, copy)
-        return _OffloadedCheckpoint.apply(fn, len(args) - 1, copy, self.dummy, *args)
+        return _OffloadedCheckpoint.apply(fn, len(args) - 1, copy, self.recompute, self.dummy, *args)
 
 
 def _requires_grad(value) -> bool:
@@ -263,15 +270,15 @@ def _autocast_state(device_type: str) -> dict:
 class _OffloadedCheckpoint(torch.autograd.Function):
     """Reentrant checkpoint of fn(hidden, *rest) whose saved `hidden` lives in host memory.
 
-    Inputs: fn, n_rest, copy (the _HostCopy of hidden), dummy (0-element, requires grad: the
+    Inputs: fn, n_rest, copy (the _HostCopy of hidden), recompute (counts the re-run), dummy (0-element, requires grad: the
     output needs grad even when hidden does not, e.g. a frozen embedding with LoRA layers),
     hidden, *rest (no grad, checked before).
     """
 
     @staticmethod
-    def forward(ctx, fn, n_rest, copy, dummy, hidden, *rest):
+    def forward(ctx, fn, n_rest, copy, recompute, dummy, hidden, *rest):
         device = hidden.device
-        ctx.fn = fn
+        ctx.fn, ctx.recompute = fn, recompute
         ctx.device = device
         ctx.hidden_meta = (hidden.dtype, hidden.shape)
         ctx.tensor_rest = [torch.is_tensor(r) for r in rest]
@@ -298,7 +305,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         hidden = copy.fetch(device)
         if previous is not None:   # the next layer to go backward: its input comes back meanwhile
             previous.prefetch(device)
-        hidden.requires_grad_(ctx.needs_input_grad[4])
+        hidden.requires_grad_(ctx.needs_input_grad[5])
         saved, others = iter(ctx.saved_tensors), iter(ctx.other_rest)
         rest = [next(saved) if is_tensor else next(others) for is_tensor in ctx.tensor_rest]
 
@@ -310,7 +317,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if cuda:
                 torch.cuda.set_rng_state(ctx.cuda_rng, device)
             with torch.enable_grad(), torch.autocast(device.type, **ctx.autocast):
-                with _recomputing():
+                with ctx.recompute.running():
                     if cuda:
                         with torch.autocast("cpu", **ctx.cpu_autocast):
                             outputs = ctx.fn(hidden, *rest)
@@ -322,8 +329,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                  if torch.is_tensor(out) and out.requires_grad and grad is not None]
         if pairs:
             torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
-        hidden_grad = hidden.grad if ctx.needs_input_grad[4] else None
-        return (None, None, None, None, hidden_grad) + (None,) * len(rest)
+        hidden_grad = hidden.grad if ctx.needs_input_grad[5] else None
+        return (None, None, None, None, None, hidden_grad) + (None,) * len(rest)
 
 
 def _checkpoint_layers(model: nn.Module):
@@ -339,25 +346,26 @@ def _state_owner(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def enable_offloaded_checkpointing(model: nn.Module) -> int:
+def enable_offloaded_checkpointing(model: nn.Module, recompute: Recompute | None = None) -> int:
     """Switch every checkpointed decoder layer of `model` to the host-offloaded checkpoint.
 
     Call after `model.gradient_checkpointing_enable(...)`; a second call only switches layers
     that transformers' function was set on again. Returns the number of layers now offloaded
     (0 when gradient checkpointing is off, or when transformers' GradientCheckpointingLayer is not
     a version engine/speed/upstream.py knows: the layers keep transformers' checkpointing).
+    `recompute` is told while a layer re-runs for its backward (the registry's Surgery.recompute).
     """
     if any(True for _ in _checkpoint_layers(model)) and library_code_changed():
         return 0
     owner = _state_owner(model)
     state = getattr(owner, _STATE_ATTR, None)
     if state is None:
-        state = _ModelState(OffloadStats())
+        state = _ModelState(OffloadStats(), recompute=recompute or Recompute())
     switched = 0
     for name, module in _checkpoint_layers(model):
         current = module._gradient_checkpointing_func
         if not (isinstance(current, _LayerCheckpoint) and current.stats is state.stats):
-            func = _LayerCheckpoint(name, current, state.stats, switched, state.chain)
+            func = _LayerCheckpoint(name, current, state.stats, switched, state.chain, state.recompute)
             module._gradient_checkpointing_func = func
             state.layers.append((module, func))
         switched += 1
@@ -394,3 +402,16 @@ def offload_stats(model: nn.Module) -> OffloadStats | None:
     """The byte counters of an offloaded model (None when it is not enabled)."""
     state = getattr(_state_owner(model), _STATE_ATTR, None)
     return state.stats if state is not None else None
+
+
+def apply_offloaded_checkpointing(model: nn.Module, surgery) -> None:
+    """The registry's offload_checkpoints transform: the layers tell surgery.recompute when they
+    re-run; undone by disable_offloaded_checkpointing."""
+    n = enable_offloaded_checkpointing(model, surgery.recompute)
+    if n:
+        surgery.on_undo(lambda: disable_offloaded_checkpointing(model))
+        surgery.count(n)
+    elif any(True for _ in _checkpoint_layers(model)):
+        surgery.noted(library_code_changed())
+    else:
+        surgery.note("layer inputs stay on the device: gradient checkpointing is off")

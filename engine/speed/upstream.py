@@ -3,7 +3,7 @@
     reason = check("apply_rotary_pos_emb", fn)   # None: a version we know; else one line, e.g.
     # "RoPE kernel off: transformers 5.26.0 changed apply_rotary_pos_emb (fingerprint 1a2b3c4d5e6f)"
 
-engine/speed/patching.py, rope_patch.py, lora_forward.py and offload_checkpoint.py replace functions of
+engine/speed/patching.py, fused_loss.py, rope.py, lora_forward.py and offload_checkpoint.py replace functions of
 transformers, peft and bitsandbytes with code that computes the same thing another way. "The same
 thing" holds for the versions they were written for; a release can change what a function computes
 (a Gemma-style `1 + weight` norm, a logit soft-cap, another term in peft's LoRA forward) with no
@@ -65,6 +65,8 @@ def _models(qualname: str) -> tuple[str, ...]:
 # bitsandbytes 0.50.0-0.50.2. Where a fingerprint changed, the diff was read before adding it.
 _TF = "5.17.0 5.18.0 5.19.0 5.20.2 5.21.1 5.22.2 5.23.0 5.24.0 5.25.0"
 _PEFT = "0.21.0 0.21.1 0.21.2"
+_TF_PKV = "5.17.0 5.18.0 5.19.0 5.20.2 5.21.1 5.22.2 5.23.0 (past_key_values.update(k, v, layer_idx))"
+_TF_CACHE = "5.24.0 5.25.0 (cache.update(k, v, layer_idx, kwargs=kwargs))"
 
 KNOWN: dict[str, Internal] = {
     # engine/speed/patching.py: kernels.rmsnorm computes weight * (x / rms(x)) in x's dtype
@@ -81,6 +83,21 @@ KNOWN: dict[str, Internal] = {
         "2c9eb8a47e50": _TF}),
     "rotate_half": Internal("transformers", "RoPE kernel", _models("rotate_half"), {
         "bc7d83913876": _TF}),
+    # engine/speed/attention_forwards.py: reviewed copies of these forwards with kernels.apply_rope;
+    # the fingerprint picks the copy (its REVIEWED table). 5.24 renamed past_key_values to cache
+    # (the old name kept by deprecate_kwarg) and passes kwargs to cache.update; nothing else changed.
+    "LlamaAttention.forward": Internal("transformers", "RoPE kernel", (
+        "transformers.models.llama.modeling_llama:LlamaAttention.forward",), {
+        "f4518d89ab9c": _TF_PKV, "84fe45a8b6e9": _TF_CACHE}),
+    "MistralAttention.forward": Internal("transformers", "RoPE kernel", (
+        "transformers.models.mistral.modeling_mistral:MistralAttention.forward",), {
+        "cbce7b476a93": _TF_PKV, "547f1d418967": _TF_CACHE}),
+    "Qwen2Attention.forward": Internal("transformers", "RoPE kernel", (
+        "transformers.models.qwen2.modeling_qwen2:Qwen2Attention.forward",), {
+        "cd1cad25879d": _TF_PKV, "ee2ddfb065ff": _TF_CACHE}),
+    "Qwen3Attention.forward": Internal("transformers", "RoPE kernel", (
+        "transformers.models.qwen3.modeling_qwen3:Qwen3Attention.forward",), {
+        "7c3e2e6dc4cb": _TF_PKV, "989ae25f4805": _TF_CACHE}),
     # engine/speed/patching.py fused loss: lm_head(hidden) with no scale or soft-cap, then the mean
     # cross-entropy of the shifted labels, -100 ignored
     "ForCausalLM.forward": Internal("transformers", "fused lm_head + cross-entropy",

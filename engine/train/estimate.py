@@ -1,37 +1,41 @@
 """A rough GPU-memory estimate for a training run, made before any weight is loaded.
 
     info = describe_model(resolve_model_source(cfg.model.source, ws.models_dir))
-    est = estimate_vram(info, cfg)
+    plan = resolve(cfg, "cuda", info)                          # engine/train/plan.py
+    est = estimate_vram(info, cfg, plan)
     fit_badge(est.total, gpu_total_memory() or 24 * GIB)      # "fits" | "tight" | "won't fit"
 
 The estimate is a sum of the big terms; it is meant to be right to within about 20-30%, enough to
-tell a 24 GB card from an 80 GB one, not to predict the allocator's peak. Terms (bytes):
+tell a 24 GB card from an 80 GB one, not to predict the allocator's peak. Every choice a setting's
+`auto` leads to (precision, optimizers, embedding storage, sparse gradient, offload, kernels,
+freed originals) is read from the run's Plan for a CUDA device, the same decisions setup_training
+acts on. Terms (bytes):
 
 - base weights, frozen: Linear weights at the precision's bytes/param (fp32 4, bf16/fp16 2, 8bit 1
   + one fp32 scale per row ~ 1.0, 4bit NF4 0.5 + quant constants: 4-byte absmax per 64 weights
   = 0.0625, or ~0.016 with double quantization, which we use). embed_tokens and lm_head are never
-  quantized by bitsandbytes: they stay at 2 B/param (4 for fp32). `auto` counts as 4bit, the
-  GPU default.
+  quantized by bitsandbytes: they stay at 2 B/param (4 for fp32). The precision is the plan's
+  (`auto`: 4bit on CUDA).
 - LoRA: r * (in + out) params per adapted Linear per layer, each with an fp32 weight, gradient and
-  two AdamW moments = 16 B/param (10 with `lora_optimizer` fused8bit: 8-bit moments). Shapes come from `linear_module_shapes` when the model info has
-  it, else from the name (gate/up/fc1: hidden -> intermediate, down/fc2: intermediate -> hidden,
+  two AdamW moments = 16 B/param (10 with the plan's LoRA optimizer fused8bit: 8-bit moments).
+  Shapes come from `linear_module_shapes` when the model info has it, else from the name (gate/up/fc1: hidden -> intermediate, down/fc2: intermediate -> hidden,
   k/v: hidden -> kv dim, everything else hidden -> hidden).
 - trainable embeddings: a `full` embed_tokens or lm_head is a trained copy of vocab x hidden:
-  weight + gradient in bf16 (2 + 2 B/param, the GPU default: `embedding_weights` auto with the
-  fused8bit optimizer) or fp32 (4 + 4), plus AdamW moments: 8 B in fp32, 2 B as 8-bit states
-  (adamw8bit, fused8bit, auto); with `sparse_embedding_grad` (untied, fused8bit) embed_tokens'
-  gradient holds only batch x seq rows. `lora` is r * (vocab + hidden) params; with tied
-  embeddings the two are one matrix and counted once. With `free_frozen_embeddings` the frozen
-  originals of fully trained copies leave the base-weights term.
+  weight + gradient in the plan's embedding storage, bf16 (2 + 2 B/param) or fp32 (4 + 4), plus
+  the plan's embeddings optimizer's moments: 8 B for adamw, 2 B as 8-bit states (adamw8bit,
+  fused8bit); with the plan's sparse embedding gradient embed_tokens' gradient holds only
+  batch x seq rows. `lora` is r * (vocab + hidden) params, fp32 (4 + 4 + moments); with tied
+  embeddings the two are one matrix and counted once. When the plan frees the frozen originals,
+  those of fully trained copies leave the base-weights term.
 - activations, per token and layer, in the compute dtype (2 B, 4 for fp32), assuming SDPA/flash
   attention (no seq x seq score matrix is kept):
   `8 * hidden + 2 * kv_dim + 4 * intermediate` values (norm outputs, q/k/v, attention output,
   residuals, gate/up, activation, product) -> x batch x seq x layers. With gradient checkpointing
   only each layer's input (hidden values) is kept, plus one layer's full set during recompute;
-  with `offload_checkpoints` (auto on a GPU) those inputs sit in CPU memory instead, but for the
+  when the plan offloads checkpoints those inputs sit in CPU memory instead, but for the
   one prefetched back during the layer above's backward.
-- logits: batch x seq x vocab x 4 B (fp32 for the loss), x2 for their gradient; with kernels on,
-  the fused loss holds one chunk of at most 2048 rows in bf16 (and its gradient).
+- logits: batch x seq x vocab x 4 B (fp32 for the loss), x2 for their gradient; with the plan's
+  kernels on, the fused loss holds one chunk of at most 2048 rows in bf16 (and its gradient).
 - CUDA context and allocator slack: a flat 500 MB.
 """
 from __future__ import annotations
@@ -40,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import RunConfig
+from .plan import Plan, resolve
 
 GIB = 1024 ** 3
 CUDA_CONTEXT_BYTES = 500 * 1024 ** 2
@@ -119,60 +124,61 @@ def _lora_params(info: Any, cfg: RunConfig, shape: dict[str, int]) -> int:
     return total * shape["layers"]
 
 
-def _embedding_params(info: Any, cfg: RunConfig, shape: dict[str, int]) -> int:
+def _embedding_params(info: Any, cfg: RunConfig, shape: dict[str, int]) -> tuple[int, int]:
+    """(fully trained, LoRA) params of embed_tokens / lm_head."""
     full = shape["vocab"] * shape["hidden"]
     lora = cfg.adapter.r * (shape["vocab"] + shape["hidden"])
-    per_mode = {"off": 0, "full": full, "lora": lora}
+    modes = [cfg.adapter.embed_tokens, cfg.adapter.lm_head]
     if getattr(info, "tied_embeddings", False):
-        # One matrix: embed_tokens decides, lm_head follows it.
-        modes = [cfg.adapter.embed_tokens, cfg.adapter.lm_head]
-        return max(per_mode.get(m, 0) for m in modes)
-    return per_mode.get(cfg.adapter.embed_tokens, 0) + per_mode.get(cfg.adapter.lm_head, 0)
+        # One matrix: the widest mode decides, the other side follows it.
+        modes = ["full"] if "full" in modes else ["lora"] if "lora" in modes else []
+    return modes.count("full") * full, modes.count("lora") * lora
 
 
-def _embedding_bytes(info: Any, cfg: RunConfig, shape: dict[str, int]) -> float:
-    """Weights + gradients + AdamW moments of the trained embed_tokens / lm_head, with the GPU
-    defaults for `auto`: bf16 copies (fused8bit), 8-bit states, embed_tokens' sparse gradient."""
-    t = cfg.training
-    fused = t.embedding_optimizer in ("fused8bit", "auto")
-    weight = 2 if t.embedding_weights == "bf16" or (t.embedding_weights == "auto" and fused) else 4
-    states = 2 if t.embedding_optimizer in ("adamw8bit", "fused8bit", "auto") else 8
-    params = _embedding_params(info, cfg, shape)
-    total = params * (weight + weight + states)
-    tied = getattr(info, "tied_embeddings", False)
-    if fused and t.sparse_embedding_grad and not tied and cfg.adapter.embed_tokens == "full":
+def _embedding_bytes(info: Any, cfg: RunConfig, plan: Plan, shape: dict[str, int]) -> float:
+    """Weights + gradients + AdamW moments of the trained embed_tokens / lm_head, as the plan
+    stores and updates them."""
+    full, lora = _embedding_params(info, cfg, shape)
+    weight = 2 if plan.embedding_weights == "bf16" else 4
+    states = 2 if plan.embedding_optimizer in ("adamw8bit", "fused8bit") else 8
+    total = full * (weight + weight + states) + lora * (4 + 4 + states)
+    if plan.sparse_embedding_grad:
         # embed_tokens' gradient holds only the batch's rows, not vocab x hidden.
-        rows = min(shape["vocab"], t.batch_size * cfg.data.seq_len)
+        rows = min(shape["vocab"], cfg.training.batch_size * cfg.data.seq_len)
         total -= (shape["vocab"] - rows) * shape["hidden"] * weight
     return total
 
 
-def estimate_vram(info: Any, cfg: RunConfig) -> VramEstimate:
+def estimate_vram(info: Any, cfg: RunConfig, plan: Plan | None = None) -> VramEstimate:
     """Estimate the GPU memory of training `cfg` on the model described by `info`.
 
     Args:
         info: a ModelInfo (or anything with n_params, vocab_size, hidden_size, n_layers,
             tied_embeddings, linear_module_names; intermediate_size, num_attention_heads,
             num_key_value_heads, head_dim and linear_module_shapes are used when present).
-        cfg: the run config (precision, adapter, batch size, seq_len, gradient checkpointing).
+        cfg: the run config (adapter, batch size, seq_len).
+        plan: the run's Plan; None resolves one for a CUDA device (the estimate is for the GPU).
 
     Returns:
         A VramEstimate; see the module docstring for the formula of each term.
+
+    Raises:
+        ConfigError: from resolving the plan, an explicit setting that cannot hold on a GPU.
     """
+    plan = plan or resolve(cfg, "cuda", info)
     shape = _shape_of(info)
-    precision = cfg.model.precision if cfg.model.precision != "auto" else "4bit"
+    precision = plan.precision
     embed_matrices = 1 if getattr(info, "tied_embeddings", False) else 2
     embed_params = embed_matrices * shape["vocab"] * shape["hidden"]
     linear_params = max(0, int(info.n_params) - embed_params)
     embed_bytes = 4 if precision == "fp32" else 2
     base = linear_params * LINEAR_BYTES[precision] + embed_params * embed_bytes
 
-    # fp32 weight + gradient + AdamW moments: 8 B in fp32, 2 B with lora_optimizer fused8bit
-    lora_bytes = TRAINABLE_BYTES if cfg.training.lora_optimizer == "adamw" else 4 + 4 + 2
+    # fp32 weight + gradient + AdamW moments: 8 B in fp32, 2 B with the LoRA group on fused8bit
+    lora_bytes = TRAINABLE_BYTES if plan.lora_optimizer == "adamw" else 4 + 4 + 2
     lora = _lora_params(info, cfg, shape) * lora_bytes
-    trained_embed = _embedding_params(info, cfg, shape)
-    embeddings = _embedding_bytes(info, cfg, shape) if trained_embed else 0
-    if cfg.training.free_frozen_embeddings:
+    embeddings = _embedding_bytes(info, cfg, plan, shape)
+    if plan.free_frozen_embeddings:
         # The frozen originals of fully trained copies are released once training starts.
         full = [m for m in (cfg.adapter.embed_tokens, cfg.adapter.lm_head) if m == "full"]
         freed = min(len(full), embed_matrices) * shape["vocab"] * shape["hidden"] * embed_bytes
@@ -182,15 +188,15 @@ def estimate_vram(info: Any, cfg: RunConfig) -> VramEstimate:
     tokens = cfg.training.batch_size * cfg.data.seq_len
     per_layer = (ACT_HIDDEN * shape["hidden"] + ACT_KV * shape["kv"]
                  + ACT_INTERMEDIATE * shape["intermediate"])
-    if cfg.training.gradient_checkpointing:
-        # Each layer's input is kept for the recompute, in CPU memory when offloaded (auto on a GPU);
-        # there the next layer's input comes back during a layer's backward (prefetch): one input.
-        kept = 1 if cfg.training.offload_checkpoints in ("auto", "on") else shape["layers"]
+    if plan.gradient_checkpointing:
+        # Each layer's input is kept for the recompute, in CPU memory when offloaded; there the
+        # next layer's input comes back during a layer's backward (prefetch): one input.
+        kept = 1 if plan.offload_checkpoints else shape["layers"]
         per_token = shape["hidden"] * kept + per_layer
     else:
         per_token = per_layer * shape["layers"]
     activations = tokens * per_token * act_bytes
-    if cfg.training.kernels == "off":
+    if not plan.kernels:
         logits = tokens * shape["vocab"] * 4 * 2
     else:
         # The fused linear + cross-entropy holds one chunk of bf16 logits (and its gradient) at a time.

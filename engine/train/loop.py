@@ -23,6 +23,7 @@ from ..atomic import publish_dir_atomic, write_text_atomic
 from ..runs.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..runs.control import ControlChannel
 from ..errors import CptError, exception_text
+from ..model.adapters import EMBEDDINGS_GROUP, LORA_GROUP
 from .evaluation import evaluate_blocks, generate_samples
 from ..runs.events import (CheckpointSaved, EvalMetrics, Log, Phase, RunFailed, RunFinished, RunStarted,
                      Sample, StepMetrics)
@@ -104,7 +105,8 @@ class TrainingLoop:
             model=s.model_name, device=_device_name(s.device), total_steps=s.total_steps,
             param_groups=s.param_groups, trainable_params=s.trainable_params,
             total_params=s.total_params, resumed_from_step=resumed_from,
-            kernels=bool(s.kernel_summary), pid=os.getpid()))
+            kernels=bool(s.kernel_summary), plan=s.plan.to_dict(), pid=os.getpid()))
+        self._log("plan:\n  " + "\n  ".join(s.plan.lines()))
         self._log(f"parameter groups: {s.param_groups}")
         self._log(f"data: {s.data_stats}")
         if s.kernel_summary:
@@ -188,8 +190,8 @@ class TrainingLoop:
         reading = monitor.read()
         self.sink.emit(StepMetrics(
             step=self.step, epoch=round(s.sampler.epoch_progress, 4), loss=self.last_loss,
-            lr=float(groups.get("other", next(iter(groups.values())))),
-            embedding_lr=float(groups.get("embeddings", 0.0)),
+            lr=float(groups.get(LORA_GROUP, next(iter(groups.values())))),
+            embedding_lr=float(groups.get(EMBEDDINGS_GROUP, 0.0)),
             grad_norm=float(self._grad_norm), tokens_seen=self.tokens_seen,
             tokens_per_s=tokens / max(step_s, 1e-9), step_s=step_s,
             gpu_mem_allocated=reading.gpu_mem_allocated, gpu_mem_reserved=reading.gpu_mem_reserved,

@@ -4,8 +4,8 @@ training.embedding_optimizer picks the embeddings group's optimizer: torch AdamW
 for both groups), bitsandbytes' AdamW8bit (blockwise 8-bit states) or our fused8bit
 (engine/train/fused_adamw.py: Triton, 8-bit states, stochastic rounding into bf16 weights) for that
 group beside torch AdamW for the rest, joined in a `CombinedOptimizer` that the scheduler,
-clipping, checkpoints and resume treat as one optimizer. training.embedding_weights (fp32 or bf16
-copies) is resolved here too, since bf16 is only sound with the fused8bit update.
+clipping, checkpoints and resume treat as one optimizer. Which optimizer each group gets (`auto`
+included) is the Plan's decision (engine/train/plan.py); this module only builds it.
 """
 from __future__ import annotations
 
@@ -13,72 +13,29 @@ import math
 
 import torch
 
-from ..model.adapters import describe_param_groups, embedding_param_groups
 from ..config import RunConfig
+from ..model.adapters import (EMBEDDINGS_GROUP, LORA_GROUP, describe_param_groups,
+                              embedding_param_groups)
+from .plan import Plan
 
 
 BETAS, EPS = (0.9, 0.999), 1e-8
 
 
-def resolve_embedding_optimizer(choice: str, device: torch.device, kernels: str = "auto") -> str:
-    """"adamw", "adamw8bit" or "fused8bit" for training.embedding_optimizer on `device`.
-
-    auto: fused8bit on CUDA when Triton is there and training.kernels is not off; else adamw8bit
-    on CUDA when bitsandbytes is there; else adamw (bitsandbytes' 8-bit step is ~4x slower than
-    torch's on CPU, and Triton only runs interpreted there).
-    """
-    if choice != "auto":
-        return choice
-    if device.type != "cuda":
-        return "adamw"
-    if kernels != "off":
-        from cpt_studio.kernels import triton_available
-
-        if triton_available():
-            return "fused8bit"
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return "adamw"
-    return "adamw8bit"
-
-
-def resolve_embedding_weights(cfg: RunConfig, device: torch.device) -> torch.dtype:
-    """Storage dtype of the fully trained embed_tokens / lm_head copies (training.embedding_weights).
-
-    bf16 needs the fused8bit optimizer (stochastic rounding) and bf16 autocast (CUDA with bf16):
-    auto picks it when both hold; an explicit bf16 that cannot hold is a ConfigError.
-    """
-    t = cfg.training
-    if t.embedding_weights == "fp32":
-        return torch.float32
-    kind = resolve_embedding_optimizer(t.embedding_optimizer, device, t.kernels)
-    autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if kind == "fused8bit" and autocast:
-        return torch.bfloat16
-    if t.embedding_weights == "bf16":
-        from ..errors import ConfigError
-
-        why = ("needs bf16 autocast, i.e. a CUDA GPU with bf16" if kind == "fused8bit" else
-               f"needs embedding_optimizer fused8bit, and it resolved to {kind} here")
-        raise ConfigError({"training.embedding_weights": f"bf16 {why}; use fp32 or auto"})
-    return torch.float32
-
-
-def build_optimizer(model, cfg: RunConfig, device: torch.device):
-    """AdamW over the two parameter groups; returns (optimizer, {group name: description})."""
+def build_optimizer(model, cfg: RunConfig, plan: Plan):
+    """AdamW over the two parameter groups, each with the plan's optimizer; returns
+    (optimizer, {group name: description})."""
     groups = embedding_param_groups(model, cfg.training.learning_rate, cfg.embedding_lr,
                                     cfg.training.weight_decay)
     groups = [g for g in groups if g["params"]]
     # fused AdamW is the fastest path on CUDA; on CPU the foreach path is the default.
-    extra = {"fused": True} if device.type == "cuda" else {}
-    kind = resolve_embedding_optimizer(cfg.training.embedding_optimizer, device, cfg.training.kernels)
-    other_kind = cfg.training.lora_optimizer
+    extra = {"fused": True} if plan.device == "cuda" else {}
+    kind, other_kind = plan.embedding_optimizer, plan.lora_optimizer
     described = describe_param_groups(groups)
     for g in groups:
-        described[g["name"]]["optimizer"] = kind if g["name"] == "embeddings" else other_kind
-    embeddings = [g for g in groups if g["name"] == "embeddings"]
-    other = [g for g in groups if g["name"] != "embeddings"]
+        described[g["name"]]["optimizer"] = kind if g["name"] == EMBEDDINGS_GROUP else other_kind
+    embeddings = [g for g in groups if g["name"] == EMBEDDINGS_GROUP]
+    other = [g for g in groups if g["name"] == LORA_GROUP]
     if other_kind == "adamw" and (kind == "adamw" or not embeddings):
         return torch.optim.AdamW(groups, betas=BETAS, eps=EPS, **extra), described
     if not embeddings:
@@ -91,12 +48,8 @@ def build_optimizer(model, cfg: RunConfig, device: torch.device):
         parts = [FusedAdamW8bit(embeddings, betas=BETAS, eps=EPS, stochastic_rounding=True,
                                 seed=cfg.training.seed)]
     else:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            from ..errors import ConfigError
-            raise ConfigError({"training.embedding_optimizer": "adamw8bit needs bitsandbytes, "
-                               "which is not installed; use adamw or fused8bit"}) from None
+        import bitsandbytes as bnb   # the plan refused adamw8bit without it
+
         # Tensors under 4096 elements (bnb's min_8bit_size) keep 32-bit states inside bnb too.
         parts = [bnb.optim.AdamW8bit(embeddings, betas=BETAS, eps=EPS)]
     if other and other_kind == "fused8bit":

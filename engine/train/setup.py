@@ -1,7 +1,11 @@
 """Everything a run needs before its first step: device, model + adapters, data, optimizer, schedule.
 
 `setup_training(...)` is the one place that turns a RunConfig into live objects; the loop in
-trainer.py only consumes the resulting `TrainingSetup`.
+loop.py only consumes the resulting `TrainingSetup`. It resolves the run's Plan (plan.py) once,
+before loading, and each step below reads its decision from that Plan: the precision the base is
+loaded at, the trainable weights' precision, checkpointing and the speed transforms the Plan
+turned on (`prepare_model`, through engine/speed/registry.py), the optimizers
+(`optim.build_optimizer`) and the loss function's autocast (`make_loss_fn`).
 """
 from __future__ import annotations
 
@@ -21,9 +25,11 @@ from ..model.adapters import attach_adapters, count_parameters
 from ..data.batches import BlockSampler
 from ..config import RunConfig
 from ..runs.events import Phase
+from ..errors import ModelSourceError
 from ..model.loading import load_base_model
-from ..model.source import resolve_model_source
+from ..model.source import describe_model, resolve_model_source
 from .optim import build_optimizer, build_scheduler
+from .plan import Plan, resolve
 from ..data.packing import build_packed_data
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,7 @@ class TrainingSetup:
     base_step: int            # steps already taken by the adapter this run continues from
     total_steps: int          # last global step number of this run
     loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    plan: Plan                # every decision the config's `auto` settings led to, with reasons
     kernel_summary: list = field(default_factory=list)
     memory_summary: list = field(default_factory=list)
     trainable_params: int = 0
@@ -84,12 +91,12 @@ def setup_training(cfg: RunConfig, workspace, emit: Callable, device: Optional[t
     emit(Phase(phase="loading_model", progress=0.0, message="Resolving the model", pid=os.getpid()))
     resolved = resolve_model_source(cfg.model.source, workspace.models_dir)
     init_from = cfg.init_from or resolved.adapter_path
+    plan = resolve(cfg, device, _model_info(resolved, cfg))
     emit(Phase(phase="loading_model", progress=0.3, message=f"Loading {resolved.display_name}"))
-    model, tokenizer = load_base_model(resolved, cfg.model.precision, device.type,
+    model, tokenizer = load_base_model(resolved, plan.precision, device.type,
                                        cfg.model.trust_remote_code)
     model = attach_adapters(model, cfg.adapter, init_from)
-    memory = prepare_embeddings(model, cfg, device)
-    memory["offloaded_layers"] = enable_checkpointing(model, cfg, device)
+    surgery, memory = prepare_model(model, plan)
     trainable, total = count_parameters(model)
     emit(Phase(phase="loading_model", progress=1.0, message=f"{resolved.display_name} ready"))
 
@@ -103,22 +110,30 @@ def setup_training(cfg: RunConfig, workspace, emit: Callable, device: Optional[t
     local_steps = t.max_steps or max(1, math.ceil(t.epochs * sampler.batches_per_epoch / t.grad_accum))
     base_step = int(read_trainer_state(init_from).get("step", 0)) if init_from else 0
 
-    optimizer, groups = build_optimizer(model, cfg, device)
+    optimizer, groups = build_optimizer(model, cfg, plan)
     if init_from and cfg.init_optimizer_state:
         _load_optimizer_state(optimizer, Path(init_from))
     scheduler = build_scheduler(optimizer, cfg, local_steps)
 
-    loss_fn, kernel_summary = _make_loss_fn(model, cfg, device)
-    patch = getattr(loss_fn, "patch", None)
-    memory["defer_head_grad"] = bool(patch is not None and patch.fused_loss and patch.defer_head_grad)
+    loss_fn, kernel_summary = make_loss_fn(model, plan, surgery)
     return TrainingSetup(
         config=cfg, device=device, model=model, tokenizer=tokenizer,
         model_name=resolved.display_name, train_blocks=packed.train, eval_sets=packed.eval_sets,
         data_stats=packed.stats, sampler=sampler, optimizer=optimizer, scheduler=scheduler,
         param_groups=groups, base_step=base_step, total_steps=base_step + local_steps,
-        loss_fn=loss_fn, kernel_summary=kernel_summary,
+        loss_fn=loss_fn, plan=plan, kernel_summary=kernel_summary,
         memory_summary=describe_memory_setup(memory), trainable_params=trainable,
         total_params=total)
+
+
+def _model_info(resolved, cfg: RunConfig):
+    """The base model's description (built on the meta device: no weights read), the same input
+    the VRAM estimate gets; None when it cannot be read, and load_base_model then reports why."""
+    try:
+        return describe_model(resolved, cfg.model.trust_remote_code)
+    except ModelSourceError as exc:
+        log.debug("no model description for the plan: %s", exc.message)
+        return None
 
 
 def _trainable_to_fp32(model, keep=()) -> None:
@@ -130,47 +145,36 @@ def _trainable_to_fp32(model, keep=()) -> None:
             param.data = param.data.float()
 
 
-def prepare_embeddings(model, cfg: RunConfig, device: torch.device) -> dict:
-    """The trainable weights' precision and the training.* embedding switches, on an adapted model:
-    fp32 masters (or bf16 trained embed_tokens/lm_head copies), peft's frozen originals freed,
-    the residual stream kept in the autocast dtype, a row-sparse embed_tokens gradient. Returns
-    what was done, for the logs and the bench."""
-    from ..speed.embedding_memory import (copy_weights, free_frozen_originals,
-                                   keep_stream_in_compute_dtype, use_sparse_embedding_grad)
-    from .optim import resolve_embedding_optimizer, resolve_embedding_weights
+def prepare_model(model, plan: Plan):
+    """An adapted model made ready as the plan says: the trainable weights' precision (fp32 masters,
+    or bf16 trained embed_tokens/lm_head copies), gradient checkpointing, then every speed
+    transform the plan turned on (engine/speed/registry.py, in its order: embedding memory,
+    offloaded checkpoints, kernels). Returns (the Surgery, what was done for the logs and bench)."""
+    from ..speed.embedding_memory import copy_weights
+    from ..speed.registry import apply_transforms
 
-    t = cfg.training
-    dtype = resolve_embedding_weights(cfg, device)
-    copies = copy_weights(model) if dtype == torch.bfloat16 else []
+    copies = copy_weights(model) if plan.embedding_weights == "bf16" else []
     for weight in copies:
-        weight.data = weight.data.to(dtype)
+        weight.data = weight.data.to(torch.bfloat16)
     _trainable_to_fp32(model, keep=copies)
-    optimizer = resolve_embedding_optimizer(t.embedding_optimizer, device, t.kernels)
-    done = {"freed_bytes": free_frozen_originals(model) if t.free_frozen_embeddings else 0,
-            "stream_in_compute_dtype": bool(t.stream_in_compute_dtype),
-            "embedding_weights": "bf16" if copies else "fp32",
-            "embedding_optimizer": optimizer,
-            "sparse_embedding_grad": bool(t.sparse_embedding_grad and optimizer == "fused8bit"
-                                          and use_sparse_embedding_grad(model))}
-    if t.stream_in_compute_dtype:
-        keep_stream_in_compute_dtype(model)
-    return done
-
-
-def enable_checkpointing(model, cfg: RunConfig, device: torch.device) -> int:
-    """Gradient checkpointing (non-reentrant) when training.gradient_checkpointing is on, its layer
-    inputs offloaded to pinned CPU memory per training.offload_checkpoints; returns the number of
-    offloaded layers."""
     model.config.use_cache = False
-    if not cfg.training.gradient_checkpointing:
-        return 0
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    mode = cfg.training.offload_checkpoints
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return 0
-    from ..speed.offload_checkpoint import enable_offloaded_checkpointing
-
-    return enable_offloaded_checkpointing(model)
+    if plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    surgery = apply_transforms(model, plan.transforms, defer_head_grad=plan.defer_head_grad)
+    counts: dict[str, int] = {}
+    for applied in surgery.applied:
+        counts[applied.name] = counts.get(applied.name, 0) + applied.count
+    if plan.sparse_embedding_grad and not counts.get("sparse_embedding_grad"):
+        log.warning("embed_tokens' gradient stays dense: the loaded model has no untied, fully "
+                    "trained nn.Embedding copy")
+    done = {"freed_bytes": surgery.facts.get("freed_bytes", 0),
+            "stream_in_compute_dtype": bool(counts.get("stream_in_compute_dtype")),
+            "embedding_weights": "bf16" if copies else "fp32",
+            "embedding_optimizer": plan.embedding_optimizer,
+            "sparse_embedding_grad": bool(counts.get("sparse_embedding_grad")),
+            "offloaded_layers": counts.get("offload_checkpoints", 0),
+            "defer_head_grad": bool(surgery.fused_loss and plan.defer_head_grad)}
+    return surgery, done
 
 
 def describe_memory_setup(memory: dict) -> list[str]:
@@ -206,24 +210,17 @@ def _load_optimizer_state(optimizer, folder: Path) -> None:
         group["initial_lr"] = lr
 
 
-def _make_loss_fn(model, cfg: RunConfig, device: torch.device):
-    """Mean next-token loss of a batch of blocks; through the Triton kernels when they are on."""
-    mode = cfg.training.kernels
-    use_kernels = mode == "on" or (mode == "auto" and device.type == "cuda")
-    autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    summary: list = []
-    patch = None
-    if use_kernels:
-        from ..speed.patching import apply_kernels
+def make_loss_fn(model, plan: Plan, surgery):
+    """Mean next-token loss of a batch of blocks, under autocast as the plan says, through the
+    surgery's fused loss where it applies. Returns (loss_fn, the kernel lines for the log)."""
+    from ..speed.registry import KERNEL_TRANSFORMS
 
-        patch = apply_kernels(model, True, defer_head_grad=cfg.training.defer_head_grad)
-        summary = list(patch.summary())
+    dtype = plan.autocast_dtype
+    summary = surgery.summary(only=KERNEL_TRANSFORMS) if plan.kernels else []
 
     def loss_fn(input_ids: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            if patch is not None:
-                return patch.loss(model, input_ids, input_ids)
-            return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        with torch.autocast(plan.device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            return surgery.loss(model, input_ids, input_ids)
 
-    loss_fn.patch = patch
+    loss_fn.patch = surgery
     return loss_fn, summary

@@ -1,14 +1,19 @@
-"""The VRAM estimate box of the Model page: a target GPU, the total with a colored badge, the terms.
+"""The VRAM estimate box of the Model page: a target GPU, the total with a colored badge, the terms,
+and "What will run": the Plan (engine/train/plan.py) a run on a GPU follows, each decision with
+its reason.
 
-The numbers come from `engine.train.estimate`; this widget only picks the card and shows them.
+The numbers come from `engine.train.estimate`, which reads that same Plan; this widget only picks
+the card and shows them.
 """
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QVBoxLayout
 
+from cpt_studio.engine.errors import ConfigError
 from cpt_studio.engine.train.estimate import (GIB, estimate_vram, fit_badge, format_bytes, gpu_name,
                                         gpu_total_memory)
+from cpt_studio.engine.train.plan import resolve
 
 # Cards people train on, by memory; shown when this machine has no GPU (or to plan for another).
 COMMON_GPUS = [
@@ -26,7 +31,7 @@ BADGE_COLORS = {"fits": "#2e7d32", "tight": "#ef6c00", "won't fit": "#c62828"}
 
 
 class VramPanel(QGroupBox):
-    """Shows estimate_vram(info, cfg) against the chosen GPU."""
+    """Shows estimate_vram(info, cfg, plan) against the chosen GPU, and the plan's lines."""
 
     def __init__(self, parent=None):
         super().__init__("GPU memory estimate", parent)
@@ -53,6 +58,15 @@ class VramPanel(QGroupBox):
         self.note.setWordWrap(True)
         self.note.setStyleSheet("color: palette(placeholder-text);")
         self.parts = QFormLayout()
+        self.plan_title = QLabel("<b>What will run</b> (on a GPU)")
+        self.plan_title.hide()
+        self.plan_view = QLabel()
+        self.plan_view.setTextFormat(Qt.PlainText)
+        self.plan_view.setWordWrap(True)
+        self.plan_view.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.plan_view.setToolTip("What each `auto` setting becomes on a GPU, and why. The run "
+                                  "records its own plan when it starts (RunStarted).")
+        self.plan_view.hide()
 
         top = QHBoxLayout()
         top.addWidget(QLabel("Target GPU:"))
@@ -66,9 +80,20 @@ class VramPanel(QGroupBox):
         box.addLayout(totals)
         box.addLayout(self.parts)
         box.addWidget(self.note)
+        box.addWidget(self.plan_title)
+        box.addWidget(self.plan_view)
 
     def gpu_total(self) -> int:
         return int(self.gpu_combo.currentData())
+
+    def plan_lines(self) -> list[str]:
+        text = self.plan_view.text()
+        return text.split("\n") if text else []
+
+    def _show_plan(self, lines: list[str]) -> None:
+        self.plan_view.setText("\n".join(lines))
+        self.plan_title.setVisible(bool(lines))
+        self.plan_view.setVisible(bool(lines))
 
     def badge_text(self) -> str:
         return self.badge.text() if not self.badge.isHidden() else ""
@@ -85,8 +110,19 @@ class VramPanel(QGroupBox):
             self.total_label.setText("—")
             self.badge.hide()
             self.note.setText("Describe a model to see its estimate.")
+            self._show_plan([])
             return
-        est = estimate_vram(self._info, self._cfg)
+        try:
+            plan = resolve(self._cfg, "cuda", self._info)
+        except ConfigError as exc:   # an explicit setting that cannot hold: say so before Start
+            self.total_label.setText("—")
+            self.badge.hide()
+            self.note.setText("These settings cannot run on a GPU: " + "; ".join(
+                f"{name}: {why}" for name, why in exc.problems.items()))
+            self._show_plan([])
+            return
+        self._show_plan(plan.lines())
+        est = estimate_vram(self._info, self._cfg, plan)
         for label, value in est.parts():
             self.parts.addRow(label + ":", QLabel(format_bytes(value)))
         gpu = self.gpu_total()

@@ -15,12 +15,18 @@ from cpt_studio.engine.runs.checkpoints import _load_state
 from cpt_studio.engine.config import AdapterConfig, RunConfig, validate
 from cpt_studio.engine.speed.embedding_memory import free_frozen_originals, keep_stream_in_compute_dtype
 from cpt_studio.engine.errors import CheckpointError
-from cpt_studio.engine.train.optim import (CombinedOptimizer, build_optimizer, build_scheduler,
-                                     resolve_embedding_optimizer)
-from cpt_studio.engine.train.setup import _trainable_to_fp32, prepare_embeddings
+from cpt_studio.engine.train import optim
+from cpt_studio.engine.train.optim import CombinedOptimizer, build_scheduler
+from cpt_studio.engine.train.plan import Facts, resolve
+from cpt_studio.engine.train.setup import _trainable_to_fp32, prepare_model
 
 VOCAB = 384
 CPU = torch.device("cpu")
+
+
+def build_optimizer(model, cfg: RunConfig, device: torch.device = CPU):
+    """optim.build_optimizer with the plan setup_training would resolve for `device`."""
+    return optim.build_optimizer(model, cfg, resolve(cfg, device))
 
 
 def adapted(tied=False, mode="full", bf16_base=True, seed=0):
@@ -172,17 +178,29 @@ def test_lora_embeddings_have_no_originals_to_free():
     assert free_frozen_originals(adapted(mode="lora")) == 0
 
 
-def test_prepare_embeddings_follows_the_switches():
+def _prepared(model, plan) -> dict:
+    surgery, done = prepare_model(model, plan)
+    return done
+
+
+def test_prepare_model_follows_the_switches():
     cfg = RunConfig()
     assert cfg.training.free_frozen_embeddings and cfg.training.stream_in_compute_dtype
-    done = prepare_embeddings(adapted(), cfg, CPU)
-    # On CPU: fp32 masters and torch AdamW, so no sparse gradient (only fused8bit reads one).
-    assert done == {"freed_bytes": 2 * VOCAB * 32 * 2, "stream_in_compute_dtype": True,
+    done = _prepared(adapted(), resolve(cfg, CPU))
+    # On CPU: fp32 masters and torch AdamW, so no sparse gradient (only fused8bit reads one), and
+    # no autocast, so no bf16 stream to keep.
+    assert done == {"freed_bytes": 2 * VOCAB * 32 * 2, "stream_in_compute_dtype": False,
                     "embedding_weights": "fp32", "embedding_optimizer": "adamw",
-                    "sparse_embedding_grad": False}
+                    "sparse_embedding_grad": False, "offloaded_layers": 0, "defer_head_grad": False}
+    # With fused8bit the untied embed_tokens copy gets its row-sparse gradient.
+    cfg.training.embedding_optimizer = "fused8bit"
+    model = adapted()
+    assert _prepared(model, resolve(cfg, CPU))["sparse_embedding_grad"]
+    assert model.get_base_model().model.embed_tokens.modules_to_save["default"].sparse
+    cfg.training.embedding_optimizer = "auto"
     cfg.training.free_frozen_embeddings = cfg.training.stream_in_compute_dtype = False
     model = adapted()
-    done = prepare_embeddings(model, cfg, CPU)
+    done = _prepared(model, resolve(cfg, CPU))
     assert (done["freed_bytes"], done["stream_in_compute_dtype"]) == (0, False)
     assert model.get_base_model().model.embed_tokens.original_module.weight.device.type == "cpu"
 
@@ -197,10 +215,15 @@ def config(kind: str) -> RunConfig:
 
 
 def test_auto_is_8bit_on_cuda_only():
-    assert resolve_embedding_optimizer("auto", CPU) == "adamw"
-    assert resolve_embedding_optimizer("auto", torch.device("cuda")) == "fused8bit"   # Triton is here
-    assert resolve_embedding_optimizer("auto", torch.device("cuda"), kernels="off") == "adamw8bit"
-    assert resolve_embedding_optimizer("adamw8bit", CPU) == "adamw8bit"
+    def chosen(device, kernels="auto", choice="auto"):
+        cfg = RunConfig()
+        cfg.training.kernels, cfg.training.embedding_optimizer = kernels, choice
+        return resolve(cfg, device, facts=Facts(True, True, True, True)).embedding_optimizer
+
+    assert chosen("cpu") == "adamw"
+    assert chosen("cuda") == "fused8bit"
+    assert chosen("cuda", kernels="off") == "adamw8bit"
+    assert chosen("cpu", choice="adamw8bit") == "adamw8bit"
     cfg = RunConfig()
     cfg.training.embedding_optimizer = "sgd"
     assert "training.embedding_optimizer" in validate(cfg)

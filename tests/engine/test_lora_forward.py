@@ -1,11 +1,11 @@
 """The lean LoRA forwards of engine/speed/lora_forward.py, the fused 4-bit function above all.
 
-- LoRA4bitLinearFunction alone vs a float reference (the dequantized weight as a plain tensor):
-  output and the x / A / B gradients, fp32 and bf16 compute, odd shapes, bias, double quant.
-- A tiny 4-bit Llama (tests/conftest.py's quant_model_dir through load_base_model) with peft LoRA:
-  the patched model against peft's own forward, loss and every trainable gradient, fp32 and under
-  bf16 autocast, with non-reentrant gradient checkpointing; an eval forward first changes nothing;
-  layers the function must not take (dropout, two adapters, a repacked weight) stay on peft's path.
+The function alone (kernels.lora_4bit_linear vs its reference) is tests/kernels/test_lora_4bit.py.
+Here, a tiny 4-bit Llama (tests/conftest.py's quant_model_dir through load_base_model) with peft
+LoRA: the patched model against peft's own forward, loss and every trainable gradient, fp32 and
+under bf16 autocast, with non-reentrant gradient checkpointing; an eval forward first changes
+nothing; layers the function must not take (dropout, two adapters, a repacked weight) stay on
+peft's path; project_value_unused skips the value of a fused layer only.
 The `gpu` tests repeat the comparisons on CUDA (pytest -m gpu on the device).
 """
 from __future__ import annotations
@@ -15,115 +15,13 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from cpt_studio.engine.speed.lora_forward import LEAN_LABELS, LoRA4bitLinearFunction  # noqa: E402
+from cpt_studio.engine.speed.lora_forward import LEAN_LABELS, project_value_unused  # noqa: E402
 from test_patching import _lora_layers, _lora_only_patch  # noqa: E402  (shared helpers)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FUSED = LEAN_LABELS["4bit"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-# --- the function alone ----------------------------------------------------------------------------
-
-def _quantized_layer(out_f, in_f, bias, nested, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias, compute_dtype=torch.float32,
-                              compress_statistics=nested, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(torch.randn(out_f, in_f, generator=g) * 0.1, requires_grad=False,
-                                     compress_statistics=nested, quant_type="nf4")
-    if bias:
-        layer.bias = torch.nn.Parameter(torch.randn(out_f, generator=g) * 0.1, requires_grad=False)
-    return layer.to(device)  # quantizes
-
-
-def _function_vs_reference(device, dtype, n, in_f, out_f, r, bias, nested, needs_x=True):
-    layer = _quantized_layer(out_f, in_f, bias, nested, device)
-    qs = layer.weight.quant_state
-    assert qs.nested == nested
-    w = bnb.functional.dequantize_4bit(layer.weight.data, qs).float()   # the reference's weight
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, in_f, generator=g).to(device).requires_grad_(needs_x)
-    lora_a = torch.randn(r, in_f, generator=g).mul(0.2).to(device).requires_grad_()
-    lora_b = torch.randn(out_f, r, generator=g).mul(0.2).to(device).requires_grad_()
-    dy = torch.randn(n, out_f, generator=g).to(device)
-    s = 1.5
-    bias_t = layer.bias.detach() if bias else None
-
-    y = LoRA4bitLinearFunction.apply(x, layer.weight.data, qs, layer.bias, lora_a, lora_b, s, dtype)
-    grads = torch.autograd.grad(y, [x, lora_a, lora_b] if needs_x else [lora_a, lora_b], dy)
-
-    # float64 reference on the same (compute-dtype rounded) operands
-    rd = lambda t: t.detach().to(dtype).double()  # noqa: E731
-    xr, ar, br = (rd(t).requires_grad_() for t in (x, lora_a, lora_b))
-    ref = xr @ rd(w).t() + s * (xr @ ar.t()) @ br.t()
-    if bias:
-        ref = ref + rd(bias_t)
-    ref_grads = torch.autograd.grad(ref, [xr, ar, br] if needs_x else [ar, br], rd(dy))
-    return y, ref, grads, ref_grads, (x, lora_a, lora_b)
-
-
-def _assert_close(got, want, dtype):
-    """fp32: elementwise. bf16/fp16: against the tensor's scale (sums of rounded products cancel)."""
-    if dtype == torch.float32:
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    else:
-        err = (got.double() - want).abs().max().item()
-        assert err <= 1e-2 * want.abs().max().item(), (err, want.abs().max().item())
-
-
-@pytest.mark.parametrize("n,in_f,out_f,r,bias,nested", [
-    (6, 64, 192, 4, False, True), (6, 64, 192, 4, True, False), (1, 128, 64, 8, False, True),
-    (37, 192, 128, 3, True, True)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_function_matches_a_float_reference(n, in_f, out_f, r, bias, nested, dtype):
-    y, ref, grads, ref_grads, (x, lora_a, lora_b) = _function_vs_reference(
-        "cpu", dtype, n, in_f, out_f, r, bias, nested)
-    assert y.shape == (n, out_f) and y.dtype == x.dtype  # Linear4bit returns its input's dtype
-    _assert_close(y, ref, dtype)
-    for got, want, like in zip(grads, ref_grads, (x, lora_a, lora_b)):
-        assert got.dtype == like.dtype and got.shape == like.shape  # fp32 master-weight grads
-        _assert_close(got, want, dtype)
-
-
-def test_function_computes_only_the_gradients_asked_for():
-    """x without requires_grad (the first layer's input): dx is neither computed nor returned."""
-    y, ref, grads, ref_grads, _ = _function_vs_reference("cpu", torch.float32, 6, 64, 192, 4, False, True,
-                                                         needs_x=False)
-    assert y.grad_fn is not None and y.grad_fn.next_functions[0][0] is None  # nothing flows into x
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-
-
-def test_function_takes_any_leading_shape_and_its_output_can_be_modified_in_place():
-    """[B, T, in] in, [B, T, out] out (flattened inside: no view nodes), and not a view: an in-place
-    op downstream (a residual `+=`) works, as on peft's output."""
-    layer = _quantized_layer(192, 64, False, True, "cpu")
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 3, 64, generator=g, requires_grad=True)
-    a = torch.randn(4, 64, generator=g, requires_grad=True)
-    b = torch.randn(192, 4, generator=g, requires_grad=True)
-    args = (layer.weight.data, layer.weight.quant_state, None, a, b, 2.0, torch.float32)
-    y = LoRA4bitLinearFunction.apply(x, *args)
-    assert y.shape == (2, 3, 192) and not y._is_view()
-    y.mul_(3).sum().backward()
-    grads = [t.grad.clone() for t in (x, a, b)]
-    for t in (x, a, b):
-        t.grad = None
-    (LoRA4bitLinearFunction.apply(x.reshape(6, 64), *args) * 3).sum().backward()
-    for got, t in zip(grads, (x, a, b)):
-        torch.testing.assert_close(got, t.grad)
-
-
-def test_function_saves_no_weight_and_no_output():
-    """Only x, h [N, r] and the cast LoRA factors are kept between forward and backward."""
-    layer = _quantized_layer(192, 64, False, True, "cpu")
-    x = torch.randn(6, 64, requires_grad=True)
-    a, b = torch.randn(4, 64, requires_grad=True), torch.randn(192, 4, requires_grad=True)
-    y = LoRA4bitLinearFunction.apply(x, layer.weight.data, layer.weight.quant_state, None, a, b, 2.0,
-                                     torch.float32)
-    shapes = sorted(tuple(t.shape) for t in y.grad_fn.saved_tensors)
-    assert shapes == sorted([(6, 64), (6, 4), (4, 64), (192, 4)])
 
 
 # --- a 4-bit model with peft LoRA, patched vs peft's forward ------------------------------------------
@@ -320,8 +218,33 @@ def test_4bit_without_autocast_in_a_compute_dtype_other_than_the_lora_weights_ke
     _compare(model, rtol=2e-2, atol=2e-3, expect_fused=0)
 
 
+def test_project_value_unused_skips_the_value_of_a_fused_layer_only(quant_model_dir):
+    """A layer on the fused 4-bit forward returns a zero placeholder whose backward gives peft's
+    gradients; a layer on peft's forward, or a call that falls back (adapters off), is module(x)."""
+    model = _peft_on(_load_4bit(quant_model_dir))
+    down = model.base_model.model.model.layers[0].mlp.down_proj
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 5, down.base_layer.in_features, generator=g, requires_grad=True)
+    dy = torch.randn(2, 5, down.base_layer.out_features, generator=g)
+    leaves = [x, down.lora_A["default"].weight, down.lora_B["default"].weight]
+    want = project_value_unused(down, x)   # not patched: peft's forward, its value
+    assert torch.equal(want, down(x))
+    want_grads = torch.autograd.grad(want, leaves, dy)
+    patch = _lora_only_patch(model)
+    try:
+        got = project_value_unused(down, x)
+        with model.disable_adapter():
+            assert torch.equal(project_value_unused(down, x), down(x))
+    finally:
+        patch.revert()
+    assert type(got.grad_fn).__name__ == "LoRA4bitLinearFunctionBackward"
+    assert got.shape == want.shape and torch.count_nonzero(got) == 0
+    for got_grad, want_grad in zip(torch.autograd.grad(got, leaves, dy), want_grads):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5 * want_grad.abs().max().item())
+
+
 def test_apply_kernels_reports_the_fused_4bit_layers(quant_model_dir):
-    from cpt_studio.engine.speed.patching import apply_kernels
+    from cpt_studio.engine.speed.registry import apply_kernels
 
     model = _peft_on(_load_4bit(quant_model_dir))
     patch = apply_kernels(model, enabled=True)
@@ -333,25 +256,6 @@ def test_apply_kernels_reports_the_fused_4bit_layers(quant_model_dir):
 
 
 # --- CUDA ---------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def cuda_backward_thread():
-    """The first cuBLAS call on autograd's CUDA worker thread warns that the thread had no current
-    context (torch then sets it): run one before, so the warning is not charged to the function."""
-    a = torch.ones(2, 2, device="cuda", requires_grad=True)
-    torch.mm(a, a).sum().backward()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_function_matches_a_float_reference_on_cuda(dtype, cuda_backward_thread):
-    y, ref, grads, ref_grads, (x, lora_a, lora_b) = _function_vs_reference(
-        "cuda", dtype, 37, 192, 128, 3, True, True)
-    _assert_close(y, ref, dtype)  # TF32 is off by default for matmuls
-    for got, want, like in zip(grads, ref_grads, (x, lora_a, lora_b)):
-        assert got.dtype == like.dtype
-        _assert_close(got, want, dtype)
-
 
 @pytest.mark.gpu
 def test_4bit_fused_on_cuda_under_bf16_autocast_matches_peft(quant_model_dir):

@@ -3,7 +3,7 @@
 The tiny 4-bit Llama of tests/conftest.py with peft LoRA on every projection, patched with the
 fused 4-bit forwards (engine.speed.lora_forward) and then grouped: loss and every trainable gradient
 against peft's own forward and against the same patch ungrouped; a member called with another
-input, unused outputs, gradients only where asked, the value_unused skip, revert.
+input, unused outputs, gradients only where asked, project_value_unused on a member, revert.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from cpt_studio.engine.speed import lora_group  # noqa: E402
-from cpt_studio.engine.speed.lora_forward import GROUP_ATTR, value_unused  # noqa: E402
-from cpt_studio.engine.speed.patching import _group_lora_layers  # noqa: E402
+from cpt_studio.engine.speed.lora_forward import GROUP_ATTR, project_value_unused  # noqa: E402
+from cpt_studio.engine.speed.registry import KERNEL_TRANSFORMS, apply_transforms  # noqa: E402
 from test_lora_forward import _ids, _load_4bit, _peft_on, _step, graph_nodes  # noqa: E402
 from test_patching import _lora_only_patch  # noqa: E402
 
@@ -25,9 +25,7 @@ SINGLE = "LoRA4bitLinearFunctionBackward"
 
 
 def _grouped_patch(model):
-    patch = _lora_only_patch(model)
-    _group_lora_layers(patch, model)
-    return patch
+    return apply_transforms(model, ["lora_forwards", "lora_groups"])
 
 
 def _nodes(model, ids, autocast=False, device="cpu"):
@@ -135,22 +133,21 @@ def test_unused_outputs_and_frozen_factors_get_no_gradient(quant_model_dir):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)   # fp32, another sum order
 
 
-def test_under_value_unused_the_group_is_not_used(quant_model_dir):
+def test_a_value_unused_member_runs_alone(quant_model_dir):
     model = _peft_on(_load_4bit(quant_model_dir))
     mlp = model.base_model.model.model.layers[0].mlp
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(5))
     patch = _grouped_patch(model)
     try:
-        with value_unused():
-            gate = mlp.gate_proj(x)   # the down_proj skip's flag: no group, the single path
-        assert type(gate.grad_fn).__name__ != GROUPED
+        gate = project_value_unused(mlp.gate_proj, x)   # the single function's skip, no group
+        assert type(gate.grad_fn).__name__ == SINGLE and torch.count_nonzero(gate) == 0
         assert mlp.gate_proj.__dict__[GROUP_ATTR][0]._kept == []
     finally:
         patch.revert()
 
 
-def test_apply_kernels_groups_by_default_and_reports_it(quant_model_dir, monkeypatch):
-    from cpt_studio.engine.speed.patching import apply_kernels
+def test_apply_kernels_groups_by_default_and_reports_it(quant_model_dir):
+    from cpt_studio.engine.speed.registry import apply_kernels
 
     model = _peft_on(_load_4bit(quant_model_dir))
     patch = apply_kernels(model, enabled=True)
@@ -158,8 +155,7 @@ def test_apply_kernels_groups_by_default_and_reports_it(quant_model_dir, monkeyp
         assert f"{lora_group.LABEL}: 10 modules" in patch.summary()
     finally:
         patch.revert()
-    monkeypatch.setattr(lora_group, "ENABLED", False)
-    patch = apply_kernels(model, enabled=True)
+    patch = apply_transforms(model, [n for n in KERNEL_TRANSFORMS if n != "lora_groups"])
     try:
         assert not any(lora_group.LABEL in line for line in patch.summary())
     finally:

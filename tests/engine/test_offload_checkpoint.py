@@ -118,7 +118,7 @@ def test_frozen_embeddings_still_train_every_lora_layer(input_grads):
 
 
 def test_through_the_kernel_patch():
-    from cpt_studio.engine.speed.patching import apply_kernels
+    from cpt_studio.engine.speed.registry import apply_kernels
 
     model = _peft_model("llama")
     patch = apply_kernels(model, True)
@@ -251,11 +251,12 @@ def test_4bit_kernel_patch_skips_the_down_projection_value_in_the_recompute(quan
     """The fused 4-bit LoRA function: in the offloaded recompute the MLP's down_proj only saves what
     its backward needs (no dequantize, no GEMM for a value nobody reads); gradients stay bitwise."""
     from cpt_studio.engine.speed import lora_forward
+    from cpt_studio.kernels import lora_4bit
     from cpt_studio.engine.model.adapters import attach_adapters
     from cpt_studio.engine.config import AdapterConfig
     from cpt_studio.engine.model.loading import load_base_model
     from cpt_studio.engine.model.source import ResolvedModel
-    from cpt_studio.engine.speed.patching import apply_kernels
+    from cpt_studio.engine.speed.registry import apply_kernels
 
     base, _ = load_base_model(ResolvedModel("hf_folder", str(quant_model_dir), "", "q"), "4bit", "cpu")
     model = attach_adapters(base, AdapterConfig(r=4, embed_tokens="off", lm_head="off"))
@@ -268,14 +269,14 @@ def test_4bit_kernel_patch_skips_the_down_projection_value_in_the_recompute(quan
     patch = apply_kernels(model, True)
     assert patch.counts.get(lora_forward.LEAN_LABELS["4bit"]) == 7 * model.config.num_hidden_layers
     calls = []
-    dequantize = lora_forward.dequantize_4bit_weight
-    monkeypatch.setattr(lora_forward, "dequantize_4bit_weight",
+    dequantize = lora_4bit.dequantize_4bit_weight
+    monkeypatch.setattr(lora_4bit, "dequantize_4bit_weight",
                         lambda *a, **k: calls.append(1) or dequantize(*a, **k))
     ids = _ids(vocab=384)
     try:
         ref = _loss_and_grads(model, lambda: patch.loss(model, ids, ids))
-        plain_calls = len(calls)
-        assert enable_offloaded_checkpointing(model) == model.config.num_hidden_layers
+        plain_calls = len(calls)   # the layers tell the patched MLPs when they re-run:
+        assert enable_offloaded_checkpointing(model, patch.recompute) == model.config.num_hidden_layers
         calls.clear()
         got = _loss_and_grads(model, lambda: patch.loss(model, ids, ids))
     finally:

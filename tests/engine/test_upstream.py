@@ -29,7 +29,7 @@ if not torch.cuda.is_available():
 from transformers.models.llama.modeling_llama import rotate_half  # noqa: E402
 
 from cpt_studio.engine.speed import upstream  # noqa: E402
-from cpt_studio.engine.speed.patching import KernelPatch, _patch_rope, apply_kernels  # noqa: E402
+from cpt_studio.engine.speed.registry import apply_kernels, apply_transforms  # noqa: E402
 from test_patching import _batch, _lora_layers, _lora_only_patch, _peft_model, _train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -78,6 +78,16 @@ def test_the_installed_versions_are_all_known():
                     f"version listed there; if it still computes what the {internal.off} assumes, "
                     f"add {fp!r}: {version!r}, else change the {internal.off} first.")
     assert not unknown, "\n".join(unknown)
+
+
+def test_each_transformers_entry_was_read_in_every_release_the_table_covers():
+    """A key added later (the attention forwards) lists a fingerprint for each release in _TF."""
+    releases = set(upstream._TF.split())
+    for key, internal in upstream.KNOWN.items():
+        if internal.library == "transformers":
+            read = {word for versions in internal.known.values() for word in versions.split()
+                    if word[:1].isdigit()}
+            assert read == releases, (key, sorted(releases - read), sorted(read - releases))
 
 
 BASE = '''
@@ -272,8 +282,7 @@ def test_changed_rope_functions_stay_stock(monkeypatch, warnings_log, name, chan
     ids = _rope_ids()
     with torch.no_grad():
         stock = model(input_ids=ids).logits
-    patch = KernelPatch(enabled=True)
-    _patch_rope(patch, model, "auto", "RoPE")
+    patch = apply_transforms(model, ["rope"])
     try:
         assert patch.counts == {} and not any("forward" in m.__dict__ for m in _modules(model, "Attention"))
         with torch.no_grad():
