@@ -30,6 +30,7 @@ from torch import nn
 from . import embedding_memory, patching, upstream
 from .fused_loss import (HeadCodeChanged, UnsupportedHead, causal_lm_of, fused_causal_lm_loss,
                          loss_code_changed, resolve_lm_head)
+from .lora_group import LABEL as GROUP_LABEL
 from .offload_checkpoint import Recompute, apply_offloaded_checkpointing
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ TRANSFORMS: tuple[Transform, ...] = (
     Transform("lora_forwards", "LoRA Linear", "peft LoRA Linear layers (nn.Linear or bnb 4-bit base) "
               "with one active adapter, no dropout, no DoRA", KERNELS, patching.apply_lora_forwards,
               ("lora.Linear.forward", "BaseTunerLayer._cast_input_dtype")),
-    Transform("lora_groups", "LoRA Linear4bit in groups (q/k/v, gate/up: one function each)",
+    Transform("lora_groups", GROUP_LABEL,
               "q/k/v and gate/up that all took the fused 4-bit LoRA function", KERNELS,
               patching.apply_lora_groups),
     Transform("fused_loss", "lm_head + cross-entropy", "the causal LM's loss (a plain, trained, "
