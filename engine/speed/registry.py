@@ -235,7 +235,7 @@ class Surgery:
 
     def noted(self, reason: str | None) -> bool:
         """Adds an upstream.check reason once; True when there was one."""
-        if reason and not any(reason in a.notes for a in self.applied):
+        if reason and reason not in self.notes:
             self.note(reason)
         return bool(reason)
 
@@ -256,10 +256,7 @@ class Surgery:
 
     @property
     def notes(self) -> list[str]:
-        seen: list[str] = []
-        for a in self.applied:
-            seen += [n for n in a.notes if n not in seen]
-        return seen
+        return _unique_notes(self.applied)
 
     def loss(self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -285,14 +282,19 @@ class Surgery:
     def summary(self, only: Iterable[str] | None = None) -> list[str]:
         """One line per transform that changed modules, then the notes (what stayed stock, why);
         `only`: these transform names."""
-        applied = [a for a in self.applied if only is None or a.name in set(only)]
+        names = None if only is None else set(only)
+        applied = [a for a in self.applied if names is None or a.name in names]
         if not applied:
             return ["kernels off: transformers' own forward and loss"]
-        lines = [f"{a.label}: {a.count} modules" for a in applied if a.count]
-        notes: list[str] = []
-        for a in applied:
-            notes += [n for n in a.notes if n not in notes]
-        return lines + notes
+        return [f"{a.label}: {a.count} modules" for a in applied if a.count] + _unique_notes(applied)
+
+
+def _unique_notes(applied: list[Applied]) -> list[str]:
+    """The notes of `applied` in order, each once (a transform's sub-counters share its notes)."""
+    seen: list[str] = []
+    for a in applied:
+        seen += [n for n in a.notes if n not in seen]
+    return seen
 
 
 def apply_transforms(model: nn.Module, choices: Iterable[TransformChoice | str], backend: str = "auto",
