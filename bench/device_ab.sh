@@ -2,17 +2,19 @@
 # Before/after A/B of our side on one device machine, one call (device tool: carry [".whl", "_before"]):
 #
 #   git archive <commit> engine kernels bench studio resources | tar -x -C _before   # the "before" tree
-#   SHAPES="p2 p1" STEPS=20 bash bench/device_ab.sh
+#   SHAPES="p2 p1" STEPS=20 REPEATS=2 bash bench/device_ab.sh
 #
-# For each shape: compare.py --sides engine from the working tree (with the variant
+# For each repeat and shape: compare.py --sides engine from the working tree (with the variant
 # ungrouped=--ungrouped-lora, i.e. training.disabled_transforms [lora_groups]), then the same from
-# _before/ (its own bench scripts and engine), in that order, on one model cache. Results:
-# $OUT/after/compare_<shape>.{json,md}, $OUT/before/compare_<shape>.{json,md}, device_ab.log.
+# _before/ (its own bench scripts and engine), in that order, on one model cache. Repeats alternate
+# after/before so that a slow stretch of the machine does not land on one side only. Results: one
+# archive $OUT/ab.tgz (r<N>/{after,before}/compare_<shape>*.{json,md}; the device tool returns only
+# a few files) and the log $OUT/device_ab.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ab_out}
 STEPS=${STEPS:-20}
-mkdir -p "$OUT/after" "$OUT/before"
+mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl || exit 1
 for side in after before; do
@@ -22,9 +24,13 @@ for side in after before; do
 done
 export PYTHONUNBUFFERED=1 CPT_BENCH_CACHE=/tmp/cpt_bench_models
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-for shape in ${SHAPES:-p2 p1}; do
-  PYTHONPATH=/tmp/site:/tmp/cpt_after python3 bench/compare.py --shape "$shape" --sides engine \
-      --steps "$STEPS" --warmup 3 --out "$OUT/after" --engine-variants ungrouped=--ungrouped-lora
-  PYTHONPATH=/tmp/site:/tmp/cpt_before python3 _before/bench/compare.py --shape "$shape" --sides engine \
-      --steps "$STEPS" --warmup 3 --out "$OUT/before"
+for r in $(seq 1 "${REPEATS:-1}"); do
+  for shape in ${SHAPES:-p2 p1}; do
+    echo "== repeat $r, $shape"
+    PYTHONPATH=/tmp/site:/tmp/cpt_after python3 bench/compare.py --shape "$shape" --sides engine \
+        --steps "$STEPS" --warmup 3 --out "$OUT/r$r/after" --engine-variants ungrouped=--ungrouped-lora
+    PYTHONPATH=/tmp/site:/tmp/cpt_before python3 _before/bench/compare.py --shape "$shape" --sides engine \
+        --steps "$STEPS" --warmup 3 --out "$OUT/r$r/before"
+  done
 done 2>&1 | tee "$OUT/device_ab.log"
+tar -czf "$OUT/ab.tgz" -C "$OUT" $(cd "$OUT" && ls -d r*) && rm -rf "$OUT"/r*

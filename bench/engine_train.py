@@ -82,7 +82,7 @@ def setup(cfg, device: torch.device):
 def _sdpa_backend(name: str):
     """torch's SDPA backend for the steps: "auto" leaves torch's choice (cuDNN on an H200 here).
     The backend flags are process-wide, so the backward's recompute on autograd's thread sees them
-    too. (P2's py-spy samples put 11% of the main thread in the SDPA call: results 2026-11-28_h200_session8_call6_pyspy_p2.txt.gz.)"""
+    too. (P2's py-spy samples put 11% of the main thread in the SDPA call: results 2026-11-28_h200_16h11_pyspy_p2.txt.gz.)"""
     import contextlib
 
     if name == "auto":

@@ -105,7 +105,11 @@ def free_frozen_originals(model: nn.Module, keep: list | None = None) -> int:
                     freed += param.numel() * param.element_size()
                     replaced[id(param)] = nn.Parameter(_placeholder(param), requires_grad=False)
                     if keep is not None:
-                        host[id(param)] = param.detach().to("cpu", copy=True)
+                        # The weights go to the host (no copy when they are there already) and
+                        # the kept Parameter object lets go of its storage: keeping it as it was
+                        # would hold the whole matrix on the GPU for the undo.
+                        host[id(param)] = param.detach().to("cpu")
+                        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
                 module._parameters[pname] = replaced[id(param)]
                 if keep is not None:
                     keep.append((module, pname, param, host[id(param)]))

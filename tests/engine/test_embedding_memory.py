@@ -14,6 +14,7 @@ from cpt_studio.engine.model.adapters import attach_adapters
 from cpt_studio.engine.runs.checkpoints import _load_state
 from cpt_studio.engine.config import AdapterConfig, RunConfig, validate
 from cpt_studio.engine.speed.embedding_memory import free_frozen_originals, keep_stream_in_compute_dtype
+from cpt_studio.engine.speed.registry import apply_transforms
 from cpt_studio.engine.errors import CheckpointError
 from cpt_studio.engine.train import optim
 from cpt_studio.engine.train.optim import CombinedOptimizer, build_scheduler
@@ -128,6 +129,24 @@ def test_freeing_releases_the_frozen_originals_and_changes_no_output(tied):
     assert free_frozen_originals(model) == 0                      # twice is harmless
     with pytest.raises(RuntimeError, match="free_frozen_embeddings"), model.disable_adapter():
         model(input_ids=batch)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_undoable_free_keeps_the_originals_on_the_host_only(tied):
+    """The registry's free keeps the weights for its undo in host memory; the original Parameter
+    objects it restores into must hold nothing meanwhile, or the GPU keeps every matrix."""
+    model = adapted(tied=tied)
+    base = model.get_base_model()
+    originals = [base.model.embed_tokens.original_module.weight, base.lm_head.original_module.weight]
+    values = [w.detach().clone() for w in originals]
+    surgery = apply_transforms(model, ["free_frozen_embeddings"], backend="torch")
+    assert surgery.facts["freed_bytes"] == (1 if tied else 2) * VOCAB * 32 * 2
+    assert all(w.untyped_storage().nbytes() == 0 for w in originals)
+    surgery.revert()
+    restored = [base.model.embed_tokens.original_module.weight, base.lm_head.original_module.weight]
+    assert all(a is b for a, b in zip(restored, originals))
+    assert all(torch.equal(w, v) for w, v in zip(restored, values))
+    assert (restored[0] is restored[1]) == tied
 
 
 @pytest.mark.parametrize("tied", [False, True])
