@@ -79,18 +79,7 @@ def main() -> None:
         result["load_s"] = time.time() - t0
         result["trainable"] = common.trainable_summary(model)
         optimizer = optimizer_for(model)
-        autocast = device.type == "cuda"
-
-        def loss_fn(input_ids):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                return model(input_ids=input_ids, labels=input_ids).loss
-
-        vocab = model.get_input_embeddings().num_embeddings
-        batches = common.make_batches(vocab, batch, seq, args.steps, args.seed)
-        result["batches_sha256"] = common.batches_digest(batches)
-        common.log(f"baseline: loaded in {result['load_s']:.1f}s, training {args.steps} steps "
-                   f"of {batch}x{seq}")
-        result.update(common.run_steps(loss_fn, optimizer, model, batches, args.warmup, device))
+        common.train_hf_side("baseline", model, optimizer, args, batch, seq, device, result)
     except Exception as exc:   # OOM is an answer (--probe-seq); anything else fails the run
         if not common.is_oom(exc):
             raise

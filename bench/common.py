@@ -100,6 +100,23 @@ def trainable_summary(model) -> dict:
     return out
 
 
+def train_hf_side(side: str, model, optimizer, args, batch: int, seq: int, device: torch.device,
+                  result: dict) -> None:
+    """The baseline's and Unsloth's steps: the model's own loss under bf16 autocast on CUDA, on the
+    seeded batches (their digest recorded), timed by run_steps; fills `result`."""
+    autocast = device.type == "cuda"
+
+    def loss_fn(input_ids):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return model(input_ids=input_ids, labels=input_ids).loss
+
+    vocab = model.get_input_embeddings().num_embeddings
+    batches = make_batches(vocab, batch, seq, args.steps, args.seed)
+    result["batches_sha256"] = batches_digest(batches)
+    log(f"{side}: loaded in {result['load_s']:.1f}s, training {args.steps} steps of {batch}x{seq}")
+    result.update(run_steps(loss_fn, optimizer, model, batches, args.warmup, device))
+
+
 def run_steps(loss_fn, optimizer, model, batches: torch.Tensor, warmup: int,
               device: torch.device, clip=None) -> dict:
     """Train on each batch (forward+backward, clip, AdamW step); time each step on the host clock.

@@ -8,7 +8,8 @@
 
 By default progress is printed for people (a bar with loss, tokens/s and ETA); `--events jsonl`
 prints one JSON event per line instead (the GUI's worker mode) and reads stop / stop_and_save /
-save_now commands from stdin. Ctrl-C stops and saves. `export` merges a run's newest adapter (or
+save_now commands from stdin. Ctrl-C, SIGTERM and SIGHUP stop and save (a second one stops at
+once); a run is written by one process at a time (runs/<id>/.lock), others are refused. `export` merges a run's newest adapter (or
 an adapter / checkpoint folder) into its base model and checks the saved model's logits.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 from .config import RunConfig, apply_overrides
 from .errors import CptError
 from .model.export import DTYPES as EXPORT_DTYPES   # stdlib-only at import: --help stays fast
+from .runs.control import ControlChannel, StopNow   # stdlib-only too
 
 log = logging.getLogger("cpt_studio")
 
@@ -96,6 +98,9 @@ def main(argv=None) -> int:
     except CptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StopNow as exc:              # a stop signal before training began: nothing to save
+        print(f"{exc}.", file=sys.stderr)
+        return exc.exit_code
     return 2
 
 
@@ -121,20 +126,44 @@ def _workspace(args):
 
 
 def _train(config, args, resume_run) -> int:
-    from .runs.control import ControlChannel
+    from .runs.lock import RunLock
     from .runs.store import take_command
+
+    workspace = _workspace(args)
+    run_dir = workspace.get_run(resume_run) if resume_run is not None else workspace.create_run(config)
+    machine = args.events == "jsonl"
+    control = ControlChannel(lambda: take_command(run_dir))
+    control.catch_signals()             # before the lock: no stop signal can leave it behind
+    try:
+        try:
+            lock = RunLock(run_dir, "train" if resume_run is None else "resume").acquire()
+        except CptError as exc:         # RunBusy: another process writes this run
+            if machine:                 # the studio reads stdout; the run's own events stay untouched
+                from .runs.events import RunFailed
+                from .runs.sinks import JsonLinesSink
+                JsonLinesSink(sys.stdout).emit(RunFailed(kind=exc.kind, message=exc.message,
+                                                         hint=exc.hint))
+            raise
+        with lock:
+            result = _train_locked(config, args, workspace, run_dir, control, resume_run)
+    finally:
+        control.restore_signals()
+    if not machine and result.adapter_path:
+        print(f"Adapter: {result.adapter_path}")
+        print(f"Run folder: {run_dir.path}")
+    _refresh_index(workspace)
+    return result.exit_code
+
+
+def _train_locked(config, args, workspace, run_dir, control, resume_run):
     from .runs.sinks import FanOut, JsonLinesSink, RunFolderSink
     from .train.loop import run_training
 
-    workspace = _workspace(args)
     if resume_run is not None:
-        run_dir = workspace.get_run(resume_run)
         config = run_dir.load_config()
         if args.max_steps is not None:
             config.training.max_steps = args.max_steps
             config.save(run_dir.config_path)
-    else:
-        run_dir = workspace.create_run(config)
     machine = args.events == "jsonl"
     if machine:
         front = JsonLinesSink(sys.stdout)
@@ -142,20 +171,12 @@ def _train(config, args, resume_run) -> int:
         from .runs.console_progress import ConsoleProgress
         front = ConsoleProgress(sys.stdout)
     sink = FanOut(RunFolderSink(run_dir), front)
-    control = ControlChannel(lambda: take_command(run_dir))
     if machine and not sys.stdin.isatty():
         control.listen_stdin()
-    control.catch_sigint()
     try:
-        result = run_training(config, workspace, run_dir, sink, control, resume=resume_run is not None)
+        return run_training(config, workspace, run_dir, sink, control, resume=resume_run is not None)
     finally:
-        control.restore_sigint()
         sink.close()
-    if not machine and result.adapter_path:
-        print(f"Adapter: {result.adapter_path}")
-        print(f"Run folder: {run_dir.path}")
-    _refresh_index(workspace)
-    return result.exit_code
 
 
 def _refresh_index(workspace) -> None:

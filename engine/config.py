@@ -22,6 +22,9 @@ import yaml
 from .errors import ConfigError
 
 SCHEMA_VERSION = 1
+# Tokens in one micro-batch (batch_size x seq_len): 2**24 is far past what any machine holds for a
+# model of more than a few million parameters (activations alone are tens of kB a token).
+MAX_MICRO_BATCH_TOKENS = 2 ** 24
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "8bit", "4bit")
 EMBEDDING_MODES = ("off", "full", "lora")
@@ -74,7 +77,9 @@ class AdapterConfig:
 @dataclass
 class DataConfig:
     train_files: list = option([], "Corpus files or folders: .txt .md .jsonl .json .csv .parquet, "
-                               "or a Hugging Face dataset folder. Empty means the sample corpus.")
+                               "or a Hugging Face dataset folder. Empty means the sample corpus. "
+                               "A folder is read without leaving it: links to folders, and links "
+                               "to files outside it, are skipped (with a note in the log).")
     eval_files: list = option([], "Held-out files for eval. Empty = split eval_fraction off the corpus.")
     retention_files: list = option([], "General text to watch for forgetting (evaluated beside the "
                                    "held-out split). Optional.")
@@ -84,7 +89,7 @@ class DataConfig:
     eval_fraction: float = option(0.05, "Share of blocks held out for eval when no eval_files are "
                                   "given (at least one block).", minimum=0.0, maximum=0.5)
     max_eval_blocks: int = option(64, "At most this many blocks per eval set (keeps eval fast).",
-                                  minimum=1)
+                                  minimum=1, maximum=1_000_000)
 
 
 @dataclass
@@ -98,15 +103,21 @@ class TrainingConfig:
                                        "than learning_rate (used when embedding_learning_rate is empty).",
                                        minimum=1.0, maximum=1000.0)
     weight_decay: float = option(0.0, "AdamW weight decay.", minimum=0.0, maximum=1.0)
-    batch_size: int = option(4, "Blocks per micro-batch.", minimum=1)
-    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.", minimum=1)
-    max_steps: int = option(100, "Optimizer steps to train. 0 = use epochs.", minimum=0)
-    epochs: float = option(1.0, "Passes over the corpus when max_steps is 0.", minimum=0.0)
-    warmup_steps: int = option(10, "Linear warmup steps.", minimum=0)
+    batch_size: int = option(4, "Blocks per micro-batch (what one forward and backward holds in "
+                             "memory; a larger effective batch comes from grad_accum).",
+                             minimum=1, maximum=65536)
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.", minimum=1,
+                             maximum=65536)
+    max_steps: int = option(100, "Optimizer steps to train. 0 = use epochs.", minimum=0,
+                            maximum=1_000_000_000)
+    epochs: float = option(1.0, "Passes over the corpus when max_steps is 0.", minimum=0.0,
+                           maximum=10_000.0)
+    warmup_steps: int = option(10, "Linear warmup steps.", minimum=0, maximum=1_000_000_000)
     schedule: str = option("cosine", "Learning-rate schedule after warmup.", choices=SCHEDULES)
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 = off).", minimum=0.0)
     gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")
-    seed: int = option(42, "Seed for data order, LoRA init and dropout.", minimum=0)
+    seed: int = option(42, "Seed for data order, LoRA init and dropout.", minimum=0,
+                       maximum=2 ** 32 - 1)
     kernels: str = option("auto", "Triton kernels: auto = on for CUDA, on, or off.", choices=KERNEL_MODES)
     embedding_optimizer: str = option(
         "auto", "Optimizer of the embeddings group (embed_tokens, lm_head): adamw (torch, fp32 "
@@ -300,6 +311,13 @@ def validate(cfg: RunConfig) -> dict[str, str]:
             elif meta.get("max") is not None and value > meta["max"]:
                 problems[name] = f"{value!r} is above the maximum {meta['max']}"
     t = cfg.training
+    tokens = t.batch_size * cfg.data.seq_len
+    bad_already = {"training.batch_size", "data.seq_len"} & set(problems)
+    if tokens > MAX_MICRO_BATCH_TOKENS and not bad_already:
+        problems["training.batch_size"] = (
+            f"{t.batch_size} blocks of data.seq_len {cfg.data.seq_len} make {tokens:,} tokens per "
+            f"micro-batch, above the maximum {MAX_MICRO_BATCH_TOKENS:,}; lower batch_size or "
+            "data.seq_len, and raise grad_accum for a larger effective batch")
     if t.max_steps == 0 and t.epochs <= 0:
         problems["training.max_steps"] = "set max_steps > 0 or epochs > 0"
     if t.warmup_steps and t.max_steps and t.warmup_steps > t.max_steps:

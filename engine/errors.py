@@ -17,6 +17,7 @@ class CptError(Exception):
     kind = "error"
 
     def __init__(self, message: str, hint: str = ""):
+        message, hint = printable(message), printable(hint)
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -30,13 +31,13 @@ class ConfigError(CptError):
 
     kind = "config"
 
-    def __init__(self, problems: dict[str, str], source: str = ""):
-        self.problems = dict(problems)
+    def __init__(self, problems: dict[str, str], source: str = "", hint: str = ""):
+        self.problems = {printable(name): printable(msg) for name, msg in problems.items()}
         where = f" in {source}" if source else ""
         lines = [f"  {name}: {msg}" for name, msg in self.problems.items()]
         super().__init__(
             f"Invalid configuration{where}:\n" + "\n".join(lines),
-            "Fix the fields listed above and start again.",
+            hint or "Fix the fields listed above and start again.",
         )
 
 
@@ -64,6 +65,32 @@ class WorkspaceError(CptError):
     kind = "workspace"
 
 
+def printable(text: str) -> str:
+    """`text` with the bytes of a file name that is not UTF-8 shown as escapes (`caf\\xe9.txt`).
+
+    Python reads such a name into lone surrogates (PEP 383), which no UTF-8 writer accepts: the
+    events, the log and the terminal would crash on the message that names the file.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:       # surrogates that stand for a name's bytes become those bytes, shown as \xNN
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:   # any other lone surrogate: \udNNN
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+PICKLE_REFUSED = ("the file is a pickle holding more than tensors and numbers, which CPT Studio "
+                  "does not load (reading such a pickle can run code hidden in it)")
+
+
+def refused_pickle(exc: BaseException) -> bool:
+    """True for torch.load(weights_only=True) refusing a pickle."""
+    return type(exc).__name__ == "UnpicklingError" or "weights_only" in str(exc)
+
+
 def exception_text(exc: BaseException) -> str:
     """What an unexpected exception is and where it came from, in one line.
 
@@ -71,6 +98,8 @@ def exception_text(exc: BaseException) -> str:
     names the module it could not import and the file Python took that module from.
     """
     first = str(exc).strip().splitlines()
+    if refused_pickle(exc):
+        first = [PICKLE_REFUSED]     # torch's own text advises weights_only=False: never shown
     text = f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
     if isinstance(exc, ImportError) and exc.name:
         found = f" (Python took it from {exc.path})" if exc.path else ""

@@ -25,6 +25,7 @@ from PySide6.QtCore import QObject, QThread, QTimer, Signal
 from cpt_studio.engine.config import RunConfig, validate
 from cpt_studio.engine.errors import ConfigError, CptError
 from cpt_studio.engine.runs.events import RunFailed, RunFinished, RunStarted
+from cpt_studio.engine.runs.lock import RunLock
 from cpt_studio.engine.runs.runner import AttachedRun, WorkerProcess, worker_argv_resume, worker_argv_train
 from cpt_studio.engine.runs.store import RunDir, Workspace
 
@@ -234,8 +235,11 @@ class RunController(QObject):
         if self.run_dir is None:
             return
         try:
-            if self.run_dir.lifecycle().end is None:
-                self.run_dir.append_event(event)
+            # Under the run's lock: a worker refused because another process writes this run
+            # (RunBusy) must not write into it either; then this raises RunBusy and nothing is written.
+            with RunLock(self.run_dir, "record"):
+                if self.run_dir.lifecycle().end is None:
+                    self.run_dir.append_event(event)
         except (OSError, CptError) as exc:
             log.warning("could not mark run %s failed: %s", self.run_id, exc)
 

@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..errors import CorpusError
-from .corpus_source import CorpusSource, pick_text_column, row_values
+from ..errors import CorpusError, printable
+from .corpus_source import CorpusSource, is_inside, pick_text_column, row_values
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".csv", ".parquet")
 HF_DATASET_FORMAT = "hf_dataset"
@@ -80,8 +84,15 @@ def expand_corpus_paths(paths: list[str]) -> list[Path]:
     """Resolve files and folders into the corpus files to read, in a stable order.
 
     Folders are walked recursively in sorted order; hidden entries are skipped; a Hugging Face
-    dataset folder counts as one entry. Duplicates (a file also reached through its folder) are
-    kept once.
+    dataset folder counts as one entry. Duplicates (a file also reached through its folder, or
+    through a link) are kept once, at their first place in that order.
+
+    Links inside a chosen folder, and what is not a plain file, follow one rule: the walk never
+    leaves the folder and never loops (see `walk_folder`). A link to a file inside the folder is
+    read like that file (once, however many links point at it); a link to a file outside it, a
+    link to any folder, a broken link, a pipe, socket or device file are skipped with a logged
+    note, and a folder left with nothing to read says what it skipped. A file named directly in
+    the list is the user's own choice and is read wherever its links lead, if it is a plain file.
     """
     out: list[Path] = []
     for raw in paths:
@@ -90,18 +101,11 @@ def expand_corpus_paths(paths: list[str]) -> list[Path]:
             raise CorpusError(f"Corpus path '{path}' does not exist",
                               "Check the path, or remove it from the corpus list.")
         if path.is_dir() and not is_hf_dataset_dir(path):
-            skipped: list[str] = []
-            found = _walk(path, path, skipped)
-            if not found:
-                seen = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more"
-                                                  if len(skipped) > 10 else "")
-                raise CorpusError(f"Folder '{path}' holds no corpus files "
-                                  f"(found: {seen or 'nothing'})",
-                                  f"Supported: {', '.join(SUPPORTED_SUFFIXES)}, or a Hugging "
-                                  "Face dataset folder.")
-            out.extend(found)
+            out.extend(_corpus_files_of_folder(path))
         else:
             corpus_format(path)          # raises for an unsupported suffix
+            if not path.is_dir() and not path.is_file():
+                raise _not_regular(path)
             out.append(path)
     unique: dict[Path, Path] = {}
     for path in out:
@@ -109,18 +113,113 @@ def expand_corpus_paths(paths: list[str]) -> list[Path]:
     return list(unique.values())
 
 
-def _walk(folder: Path, root: Path, skipped: list[str]) -> list[Path]:
+def _corpus_files_of_folder(folder: Path) -> list[Path]:
     found: list[Path] = []
-    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            found.extend([entry] if is_hf_dataset_dir(entry) else _walk(entry, root, skipped))
-        elif entry.suffix.lower() in SUPPORTED_SUFFIXES:
-            found.append(entry)
+    unsupported: list[str] = []
+    notes: list[str] = []
+    for path in walk_folder(folder, notes, keep_folder=is_hf_dataset_dir):
+        if path.is_dir() or path.suffix.lower() in SUPPORTED_SUFFIXES:
+            found.append(path)
         else:
-            skipped.append(str(entry.relative_to(root)))
-    return found
+            unsupported.append(path.relative_to(folder).as_posix())
+    if notes:
+        logger.warning("Corpus folder '%s': skipped %s", printable(str(folder)), _listed(notes))
+    if found:
+        return found
+    message = (f"Folder '{folder}' holds no corpus files "
+               f"(found: {_listed(unsupported) or 'nothing'})")
+    hint = (f"Supported: {', '.join(SUPPORTED_SUFFIXES)}, or a Hugging Face dataset folder.")
+    if notes:
+        message += f"; skipped: {_listed(notes)}"
+        hint = ("Copy the files into the folder, or add their own folder to the corpus list: "
+                "links that lead out of the chosen folder are not followed. " + hint)
+    raise CorpusError(message, hint)
+
+
+def _listed(items: list[str], most: int = 10) -> str:
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
+
+_LINK_TO_FOLDER = "a link to a folder, not followed"
+_LINK_OUT = "a link to a file outside the folder, not followed"
+
+
+def walk_folder(root: Path, notes: list[str], hidden: bool = False,
+                keep_folder=lambda folder: False) -> Iterator[Path]:
+    """The plain files under `root`, depth first in sorted order; the walk never leaves `root`.
+
+    A link to a folder is never followed: the folders inside `root` are walked at their own
+    place, and a folder elsewhere (or one above, `loop -> ..`) is not the user's choice. A link
+    to a file counts when the file lies inside `root`. A folder met twice (a bind mount) is
+    walked once. Whatever is skipped gets a line in `notes` ("'sub/x.txt' (why)").
+
+    Args:
+        root: the chosen folder.
+        notes: collects one line per skipped entry.
+        hidden: also walk names starting with ".".
+        keep_folder: folders for which this is true are yielded whole instead of entered.
+    """
+    seen: set = set()
+    stack = [_sorted_entries(root, root, notes, seen)]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        if entry.name.startswith(".") and not hidden:
+            continue
+        path = Path(entry.path)
+        rel = path.relative_to(root).as_posix()
+        if entry.is_symlink():
+            reason = _link_problem(path, root)
+            if reason:
+                notes.append(f"'{printable(rel)}' ({reason})")
+                continue
+        if entry.is_dir(follow_symlinks=False):
+            if keep_folder(path):
+                yield path
+            else:
+                stack.append(_sorted_entries(path, root, notes, seen))
+        elif entry.is_file():
+            yield path
+        else:
+            notes.append(f"'{printable(rel)}' (not a regular file: a pipe, socket or device)")
+
+
+def _link_problem(link: Path, root: Path) -> str:
+    """Why a link found inside `root` is not followed ("" for a link to a file inside root)."""
+    if not link.exists():
+        return "a broken link"
+    if link.is_dir():
+        return _LINK_TO_FOLDER
+    if not is_inside(link, root):
+        return _LINK_OUT
+    return ""
+
+
+def _sorted_entries(folder: Path, root: Path, notes: list[str], seen: set) -> Iterator:
+    try:
+        stat = folder.stat()
+        if (stat.st_dev, stat.st_ino) in seen:
+            notes.append(f"'{printable(folder.relative_to(root).as_posix())}' (a folder already "
+                         "read at another place)")
+            return iter(())
+        seen.add((stat.st_dev, stat.st_ino))
+        with os.scandir(folder) as listing:
+            return iter(sorted(listing, key=lambda e: e.name))
+    except OSError as exc:
+        if folder == root:
+            raise CorpusError(f"Cannot read the corpus folder '{folder}': "
+                              f"{exc.strerror or exc}") from None
+        notes.append(f"'{printable(folder.relative_to(root).as_posix())}' (cannot be read: "
+                     f"{exc.strerror or exc})")
+        return iter(())
+
+
+def _not_regular(path: Path) -> CorpusError:
+    return CorpusError(f"Corpus path '{path}' is not a regular file (a pipe, socket or device)",
+                       "Give a text file, or a folder of them.")
 
 
 # ---- documents -----------------------------------------------------------------------------
@@ -175,9 +274,16 @@ def inspect_corpus_file(path: Path, text_column: str = "",
 def corpus_size_bytes(path: Path) -> int:
     """Bytes on disk of a corpus file, or of every file in a dataset folder."""
     path = Path(path)
+    return sum(file.stat().st_size for file in corpus_entry_files(path))
+
+
+def corpus_entry_files(path: Path) -> list[Path]:
+    """The files one corpus entry stands for: the file itself, or a dataset folder's files
+    (sorted, hidden ones too, without leaving the folder). Nothing for a path that is neither."""
+    path = Path(path)
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size if path.is_file() else 0
+        return sorted(walk_folder(path, [], hidden=True))
+    return [path] if path.is_file() else []
 
 
 def _clean_stream(path: Path, values: Iterable) -> Iterator[str]:
@@ -193,6 +299,8 @@ def _clean_stream(path: Path, values: Iterable) -> Iterator[str]:
 def _open_source(path: Path, text_column: str) -> CorpusSource:
     """Open a file, settle its text column, and return a lazy iterator over the raw values."""
     fmt = corpus_format(path)
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise _not_regular(path)     # opening a pipe would wait for a writer forever
     try:
         if fmt in (HF_DATASET_FORMAT, "parquet"):
             # pyarrow is heavy and only these formats need it: imported on first use.

@@ -7,11 +7,12 @@ Both stream in batches, so memory stays bounded however big the file is.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..errors import CorpusError
-from .corpus_source import CorpusSource, pick_text_column, row_values
+from .corpus_source import CorpusSource, is_inside, pick_text_column, row_values
 
 _ARROW_BATCH = 1024          # parquet / arrow rows per batch
 
@@ -49,19 +50,35 @@ def open_hf_dataset(folder: Path, text_column: str) -> CorpusSource:
     return CorpusSource(schema.names, column, _arrow_values(folder, batches(), column))
 
 
-def _hf_arrow_files(folder: Path) -> list[Path]:
-    if (folder / "dataset_dict.json").is_file():
-        splits = json.loads((folder / "dataset_dict.json").read_text("utf-8")).get("splits", [])
-        if "train" not in splits and len(splits) != 1:
-            raise CorpusError(f"Dataset folder '{folder}' has no 'train' split (splits: "
-                              f"{', '.join(splits) or 'none'})", "Pick one split's folder instead.")
-        folder = folder / ("train" if "train" in splits else splits[0])
-    state = folder / "state.json"
-    if state.is_file():
-        shards = json.loads(state.read_text("utf-8"))["_data_files"]
-        files = [folder / shard["filename"] for shard in shards]
-    else:
-        files = sorted(folder.glob("*.arrow"))
+def _hf_arrow_files(root: Path) -> list[Path]:
+    """The data files of a dataset folder (its train split for a DatasetDict), all inside it."""
+    folder = root
+    try:
+        if (root / "dataset_dict.json").is_file():
+            splits = json.loads((root / "dataset_dict.json").read_text("utf-8")).get("splits", [])
+            if "train" not in splits and len(splits) != 1:
+                raise CorpusError(f"Dataset folder '{root}' has no 'train' split (splits: "
+                                  f"{', '.join(map(str, splits)) or 'none'})",
+                                  "Pick one split's folder instead.")
+            folder = root / str("train" if "train" in splits else splits[0])
+        state = folder / "state.json"
+        if state.is_file():
+            shards = json.loads(state.read_text("utf-8"))["_data_files"]
+            files = [folder / str(shard["filename"]) for shard in shards]
+        else:
+            files = sorted(folder.glob("*.arrow"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorpusError(f"Dataset folder '{root}' has an unreadable dataset_dict.json or "
+                          f"state.json ({type(exc).__name__}: {exc})",
+                          "Save the dataset again with Dataset.save_to_disk.") from None
+    # state.json and dataset_dict.json are text anyone can edit: "../" must not reach files
+    # beside the dataset (a link inside it that leads out counts the same).
+    outside = [os.path.relpath(f, root) for f in [folder, *files] if not is_inside(f, root)]
+    if outside:
+        raise CorpusError(f"Dataset folder '{root}' lists data files outside itself "
+                          f"({', '.join(outside)})",
+                          "Save the dataset again with Dataset.save_to_disk, or pick a dataset "
+                          "folder whose files are all inside it.")
     missing = [f.name for f in files if not f.is_file()]
     if not files or missing:
         raise CorpusError(f"Dataset folder '{folder}' lacks its data files "

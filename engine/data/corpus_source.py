@@ -6,10 +6,12 @@ text, and that each record's text is a string.
 
 corpus.py (text, JSON, CSV) and corpus_arrow.py (Parquet, dataset folders) both build on this;
 neither imports the other at module level, so pyarrow stays unimported until a columnar file is read.
+`is_inside` is the one test of "does this path stay in the folder the user chose" that both use.
 """
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
@@ -61,3 +63,9 @@ def pick_text_column(path: Path, columns: list, given: str, holds_text) -> str:
     raise CorpusError(f"Corpus file '{path}' has no column holding text (columns: "
                       f"{', '.join(map(str, columns)) or 'none'})",
                       "Set the text column to the one that holds the documents.")
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    """True when `path`, every link in it followed, lies in `folder` (or is `folder` itself)."""
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)

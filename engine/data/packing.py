@@ -12,13 +12,16 @@ tokenizer, so a second run on the same corpus skips tokenizing.
 
 Limitation: the whole token stream is held in memory as int32 (4 bytes per token), which suits
 corpora up to a few hundred million tokens; ~1e9 tokens would want a streamed, memory-mapped
-packer.
+packer. Packing peaks at about PACKING_BYTES_PER_TOKEN bytes a token (the stream, its blocks, the
+int64 tensor, the cache's copy), so tokenizing stops with a CorpusError as soon as the tokens read
+so far, or those the whole corpus will give at the rate seen, cannot fit in the RAM available.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from itertools import chain
@@ -30,8 +33,8 @@ import torch
 
 from ..atomic import file_sha256, write_bytes_atomic
 from ..config import DataConfig
-from .corpus import corpus_size_bytes, expand_corpus_paths, read_documents
-from ..errors import CorpusError, ModelSourceError
+from .corpus import corpus_entry_files, corpus_size_bytes, expand_corpus_paths, read_documents
+from ..errors import CorpusError, ModelSourceError, printable
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,11 @@ PACKING_VERSION = 1                 # bump when the packed output changes for th
 _BATCH_DOCS = 256                   # documents per tokenizer call
 _BATCH_CHARS = 1_000_000            # ... or this many characters, whichever comes first
 _REPORT_STEP = 0.02                 # report progress at least every 2 %
+
+# Peak bytes a token while packing: int32 stream 4 + train blocks copied out of it 4 + the int64
+# tensor 8 + the cache's int32 copy 4 + its serialized bytes 4.
+PACKING_BYTES_PER_TOKEN = 24
+_PROJECT_AFTER = 0.1                # project the corpus's tokens from the rate once 10 % is read
 
 Progress = Callable[[float, str], None]
 
@@ -75,7 +83,7 @@ def build_packed_data(data_cfg: DataConfig, tokenizer, cache_dir: Path,
     shared = {p.resolve() for p in groups["train"]} & {p.resolve() for p in groups["heldout"]}
     if shared:
         logger.warning("Eval files are also in the training corpus (%s): eval loss will look "
-                       "better than it is", ", ".join(sorted(p.name for p in shared)))
+                       "better than it is", printable(", ".join(sorted(p.name for p in shared))))
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ModelSourceError(f"Tokenizer '{tokenizer.name_or_path}' has no end-of-sequence token",
@@ -131,10 +139,37 @@ class _Tracker:
         self.report, self.total = report, max(1, total_bytes)
         self.done = 0          # bytes of finished files
         self.last, self.last_time = -1.0, 0.0
+        self.fraction = 0.0
+        self.tokens = 0        # tokens held so far, every group
+        self.last_memory_check = -1.0
+
+    def hold(self, tokens: int) -> None:
+        """Count tokens now held in memory; refuse a corpus whose packing cannot fit in RAM."""
+        self.tokens += tokens
+        now = time.monotonic()
+        if self.last_memory_check >= 0 and now - self.last_memory_check < 0.5:
+            return
+        self.last_memory_check = now
+        import psutil
+
+        held = self.tokens * 4
+        free = psutil.virtual_memory().available + held     # the tokens held are ours already
+        expected = self.tokens
+        if self.fraction >= _PROJECT_AFTER:
+            expected = int(self.tokens / self.fraction)
+        if expected * PACKING_BYTES_PER_TOKEN > free:
+            raise CorpusError(
+                f"The corpus is too big to pack in the RAM available: {self.fraction:.0%} of its "
+                f"{_gb(self.total)} gave {self.tokens:,} tokens, so about {expected:,} in all, "
+                f"and packing needs {PACKING_BYTES_PER_TOKEN} bytes a token "
+                f"({_gb(expected * PACKING_BYTES_PER_TOKEN)}); {_gb(free)} of RAM is available",
+                "Train on fewer or smaller files (a large corpus can be split over runs that each "
+                "continue from the previous run's adapter), or close other programs.")
 
     def update(self, file_size: int, read_in_file: int, message: str, new_file: bool = False):
         # Parquet sizes are compressed, so clamp: progress never runs past the file's share.
         fraction = min(0.999, (self.done + min(read_in_file, file_size)) / self.total)
+        self.fraction = fraction
         # A new file is named when it starts, but at most twice a second: a folder of 100k small
         # files must not flood the GUI with events.
         now = time.monotonic()
@@ -149,7 +184,7 @@ def _tokenize(paths: list[Path], tokenizer, eos: int, text_column: str, tracker:
     counts = {"documents": 0, "characters": 0}
     for path in paths:
         size, read, batch, batch_chars = corpus_size_bytes(path), 0, [], 0
-        message = f"Tokenizing {path.name}"
+        message = f"Tokenizing {printable(path.name)}"
         tracker.update(size, 0, message, new_file=True)
         for doc in chain(read_documents(path, text_column), [None]):
             if doc is not None:
@@ -161,11 +196,16 @@ def _tokenize(paths: list[Path], tokenizer, eos: int, text_column: str, tracker:
                 counts["characters"] += batch_chars
                 read += sum(len(d.encode("utf-8")) for d in batch)
                 tracker.update(size, read, message)
+                tracker.hold(len(pieces[-1]))
                 batch, batch_chars = [], 0
         tracker.done += size
         if not read:
-            logger.warning("Corpus file %s holds no text; skipped", path)
+            logger.warning("Corpus file %s holds no text; skipped", printable(str(path)))
     return (np.concatenate(pieces) if pieces else np.zeros(0, np.int32)), counts
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1024 ** 3:.1f} GB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.0f} MB"
 
 
 def _encode(tokenizer, batch: list[str], eos: int) -> np.ndarray:
@@ -236,9 +276,11 @@ def cache_key(data_cfg: DataConfig, groups: dict, tokenizer, seed: int) -> str:
     h.update(json.dumps(settings, sort_keys=True).encode())
     for role, paths in groups.items():
         for path in paths:
-            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-            for file in files:
-                h.update(f"{role}|{file.relative_to(path.parent)}|{file.stat().st_size}|".encode())
+            for file in corpus_entry_files(path):
+                # A name is bytes on disk, UTF-8 or not (os.fsencode: the same bytes as .encode()
+                # for a UTF-8 name, so keys made before stay valid).
+                name = os.fsencode(file.relative_to(path.parent))
+                h.update(f"{role}|".encode() + name + f"|{file.stat().st_size}|".encode())
                 h.update(file_sha256(file).encode())
     return h.hexdigest()
 

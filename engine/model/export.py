@@ -5,19 +5,23 @@
     result.max_abs_diff    # its logits against the unmerged adapter model, on a few token ids
 
 Steps: resolve the adapter (a run's newest one: final adapter/ or latest checkpoint) and its base
-model (`resolve_model_source`); load the base unquantized in the requested dtype on the CPU (an
-adapter trained on a 4-bit or 8-bit base is merged into the original weights: quantized weights
-cannot take a LoRA delta exactly); attach the adapter with `attach_adapters(init_from=...)`, so
-tied embeddings with a LoRA merge once (`TiedLoraHead`) and fully trained embed_tokens/lm_head
-replace the base's; record reference logits; `merge_and_unload()`; save the model (safetensors)
-and the base's tokenizer into a hidden temp folder next to the destination; load that folder back
-with `AutoModelForCausalLM` and compare its logits with the reference; only then rename the
+model (`resolve_model_source`); load the base unquantized in fp32 on the CPU (an adapter trained
+on a 4-bit or 8-bit base is merged into the original weights: quantized weights cannot take a
+LoRA delta exactly); attach the adapter with `attach_adapters(init_from=...)`, so tied
+embeddings with a LoRA merge once (`TiedLoraHead`) and fully trained embed_tokens/lm_head replace
+the base's; record reference logits; `merge_and_unload()` in fp32, then cast to the requested
+dtype (each weight W + dW rounded once); save the model (safetensors) and the base's tokenizer
+into a hidden temp folder next to the destination; load that folder back with
+`AutoModelForCausalLM` in fp32 and compare its logits with the reference; only then rename the
 folder into place (`publish_dir_atomic`). A failed check, a full disk or any error leaves no
-half export behind.
+half export behind. Memory: about 4 bytes per parameter (the fp32 model), checked before loading.
 
-Tolerance of the check (max |logit difference|, scaled by the logits' size s = max(1, max |logit|)):
-fp32 1e-4 * s (summation-order noise only), fp16 1e-2 * s, bf16 6e-2 * s (the merged weight
-W + dW is rounded once to the 16-bit format, the unmerged model rounds W and dW separately).
+The check runs in fp32 on both sides, so what it measures is what the saved dtype loses, not the
+arithmetic noise of a 16-bit forward pass: comparing a bf16 merged model with a bf16 unmerged one
+mixes two forward passes that each stray up to ~4 logits from the exact result on SmolLM2-135M,
+and refused correct exports. Tolerance (max |logit difference|, scaled by the logits' size
+s = max(1, max |logit|)): fp32 1e-4 * s (summation order), fp16 1e-2 * s, bf16 6e-2 * s; on a
+SmolLM2-135M adapter the saved weights alone cost 1.3e-3 * s in fp16 and 1.0e-2 * s in bf16.
 
 Default destinations: `runs/<id>/exports/merged-<dtype>/` for a run or its final adapter,
 `runs/<id>/exports/merged-<dtype>-step-<N>/` for one of its checkpoints, and
@@ -29,6 +33,7 @@ built yet; only the merged safetensors model is.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
@@ -64,7 +69,8 @@ class ExportResult:
         path: the merged model folder.
         dtype: bf16, fp32 or fp16.
         n_params: parameters of the merged model (a tied matrix counts once).
-        max_abs_diff: max |logit| difference, merged-and-reloaded vs the unmerged adapter model.
+        max_abs_diff: max |logit| difference, merged-and-reloaded vs the unmerged adapter model
+            (both computed in fp32).
         seconds: wall time of the whole export.
         tolerance: the bound max_abs_diff had to stay within.
         adapter_effect: max |logit| difference the adapter makes over the bare base (for scale).
@@ -155,7 +161,7 @@ def export_merged(source: str | Path, out_dir: Path | None, workspace, dtype: st
         source: a run id, a run folder, an adapter folder or a checkpoint folder.
         out_dir: destination folder (None: the default, see `default_out_dir`).
         workspace: the `Workspace` (run ids, and models/ for a GGUF base converted once).
-        dtype: bf16, fp32 or fp16: the base is loaded, merged and saved in it.
+        dtype: bf16, fp32 or fp16: the merged model is saved in it (merged in fp32).
         progress: optional `progress(fraction, message)`.
         overwrite: replace an existing export at `out_dir` (never a folder that is not one).
         trust_remote_code: run code shipped with the base model; None = the run's setting (False
@@ -163,8 +169,18 @@ def export_merged(source: str | Path, out_dir: Path | None, workspace, dtype: st
 
     Raises:
         CptError: unknown run, nothing to export yet, bad dtype, destination exists, out of disk
-            space, base model unavailable, or the check failed (subclasses say which).
+            space, base model unavailable, or the check failed (subclasses say which);
+            RunBusy while another process writes the run (a trainer prunes the checkpoints).
     """
+    from ..runs.lock import RunLock
+    run = run_of(resolve_export_source(source, workspace)[0])
+    with RunLock(run, "export") if run is not None else contextlib.nullcontext():
+        return _export_merged(source, out_dir, workspace, dtype, progress, overwrite,
+                              trust_remote_code)
+
+
+def _export_merged(source, out_dir, workspace, dtype, progress, overwrite,
+                   trust_remote_code) -> ExportResult:
     started = time.monotonic()
     report = progress or (lambda fraction, message="": None)
     if dtype not in DTYPES:
@@ -183,8 +199,9 @@ def export_merged(source: str | Path, out_dir: Path | None, workspace, dtype: st
                                     lambda f, m="": report(0.1 * f, m))
 
     import torch
-    from .loading import load_base_model
+    from .loading import _DTYPES, load_base_model
 
+    _check_memory(resolved, trust_remote_code)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_temps(final)
@@ -193,8 +210,8 @@ def export_merged(source: str | Path, out_dir: Path | None, workspace, dtype: st
         raise WorkspaceError(f"Cannot create the output folder {final}: {exc.strerror or exc}.",
                              "Pick an output folder you can write to.") from None
     try:
-        report(0.1, f"Loading the base model ({dtype}, CPU)")
-        model, _ = load_base_model(resolved, dtype, "cpu", trust_remote_code=trust_remote_code)
+        report(0.1, "Loading the base model (fp32, CPU)")
+        model, _ = load_base_model(resolved, "fp32", "cpu", trust_remote_code=trust_remote_code)
         report(0.3, "Attaching the adapter")
         from .adapters import attach_adapters
         from ..config import AdapterConfig
@@ -213,6 +230,7 @@ def export_merged(source: str | Path, out_dir: Path | None, workspace, dtype: st
             warnings.filterwarnings("ignore", message=r".*tie_word_embeddings.*")
             merged = peft_model.merge_and_unload()
         del peft_model, model
+        merged.to(_DTYPES[dtype])     # in place: tied weights stay one tensor
         n_params = sum(p.numel() for p in merged.parameters())
         _check_free_space(final.parent, n_params * torch.finfo(merged.dtype).bits // 8)
         report(0.5, f"Saving the merged model ({n_params / 1e6:,.0f}M parameters)")
@@ -248,8 +266,8 @@ def export_merged(source: str | Path, out_dir: Path | None, workspace, dtype: st
                                  "Check the folder is writable, or pick another one.") from exc
         if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
             raise CptError("Out of memory while merging the adapter (the base is loaded "
-                           f"unquantized, in {dtype}, on the CPU).",
-                           "Close other programs, or export in bf16/fp16 instead of fp32.") from exc
+                           "unquantized, in fp32, on the CPU).",
+                           "Close other programs, or export on a machine with more memory.") from exc
         raise
     seconds = time.monotonic() - started
     report(1.0, f"Exported {final}")
@@ -327,16 +345,15 @@ def _save_tokenizer(model_path: str, folder: Path, trust_remote_code: bool) -> N
 
 
 def _verify(folder: Path, ids, reference, dtype: str, trust_remote_code: bool) -> tuple[float, float]:
-    """Load the saved folder back and compare its logits with the unmerged model's."""
+    """Load the saved folder back in fp32 (its weights exactly as saved) and compare its logits
+    with the unmerged model's, also computed in fp32."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from .loading import _DTYPES
 
     hint = ("The export was not kept. Try fp32 (a 16-bit merge rounds the adapter's small changes "
             "away); if fp32 fails too, report it with the run's adapter_config.json.")
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=_DTYPES[dtype],
+        loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
                                                       trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CptError(f"The merged model does not load back: {exc}", hint) from None
@@ -351,7 +368,7 @@ def _verify(folder: Path, ids, reference, dtype: str, trust_remote_code: bool) -
         raise CptError(f"The merged model's logits have shape {tuple(logits.shape)}, the adapter "
                        f"model's {tuple(reference.shape)}.", hint)
     if not torch.isfinite(logits).all():
-        raise CptError(f"The merged model gives non-finite logits in {dtype}.",
+        raise CptError(f"The merged model gives non-finite logits once saved in {dtype}.",
                        "fp16 overflows for some models: export in bf16 or fp32." if dtype == "fp16"
                        else hint)
     diff = float((logits - reference).abs().max())
@@ -359,6 +376,25 @@ def _verify(folder: Path, ids, reference, dtype: str, trust_remote_code: bool) -
         raise CptError(f"The merged model does not match the adapter model: max |logit "
                        f"difference| {diff:.3g} > tolerance {tolerance:.3g} ({dtype}).", hint)
     return diff, tolerance
+
+
+def _check_memory(resolved, trust_remote_code: bool) -> None:
+    """Refuse before loading when the fp32 model cannot fit in the memory available now (the
+    kernel's OOM killer would end the process without a word)."""
+    import psutil
+
+    from .source import describe_model
+
+    try:
+        needed = describe_model(resolved, trust_remote_code).n_params * 4 * 1.1
+    except CptError as exc:   # a model that cannot be described fails with its own message later
+        log.debug("no parameter count for the memory check: %s", exc)
+        return
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise CptError(f"Exporting this model needs about {needed / 1e9:.1f} GB of free memory "
+                       f"(the base in fp32 on the CPU); {available / 1e9:.1f} GB are available.",
+                       "Close other programs, or export on a machine with more memory.")
 
 
 def _make_readable(folder: Path) -> None:

@@ -6,15 +6,21 @@
 Precisions: fp32, bf16, fp16, 8bit (LLM.int8), 4bit (NF4, double quantization, compute dtype bf16
 on CUDA / fp32 on CPU); auto = 4bit on CUDA, fp32 elsewhere. The tokenizer always has an eos token
 and a pad token (the eos token when it has none).
+
+Weights load from safetensors only: a pickle (`pytorch_model.bin`, `.pt`, `.ckpt`) can run code
+while it is read, so it is refused, in our words. A local folder is checked before transformers
+sees it: a tokenizer's vocabulary file present, every safetensors file (and shard the index
+lists) present and complete, so each failure names the file and what to do.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
 
-from ..errors import ModelSourceError, exception_text, import_hint
+from ..errors import ModelSourceError, exception_text, import_hint, refused_pickle
 from .source import ResolvedModel
 
 log = logging.getLogger(__name__)
@@ -60,7 +66,8 @@ def load_base_model(resolved: ResolvedModel, precision: str, device: str,
         log.warning("trust_remote_code is on: running Python code shipped with %s",
                     resolved.model_path)
     tokenizer = load_tokenizer(resolved, trust_remote_code)
-    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    check_weight_files(resolved)
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     if precision in _DTYPES:
         kwargs["dtype"] = _DTYPES[precision]
     else:
@@ -86,6 +93,7 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
     """The model's tokenizer, with an eos token and a pad token (eos when it has none)."""
     from transformers import AutoTokenizer
 
+    _check_tokenizer_files(Path(resolved.model_path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.model_path,
                                                   trust_remote_code=trust_remote_code)
@@ -98,6 +106,10 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
                                "token, which separates documents in continued pretraining.",
                                "Set eos_token in the folder's tokenizer_config.json (e.g. the "
                                "model's end-of-text token) and try again.")
+    if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        # transformers 5 builds an empty tokenizer from a config whose vocabulary file is gone.
+        raise ModelSourceError(f"The tokenizer of {resolved.model_path} turns text into no tokens "
+                               f"(its vocabulary holds {len(tokenizer)} entries).", _COPY_TOKENIZER)
     if tokenizer.pad_token is None:
         # Padding is only used for eval/sample batches; every pad position is masked out.
         tokenizer.pad_token = tokenizer.eos_token
@@ -105,6 +117,79 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# A tokenizer's vocabulary lives in one of these (fast tokenizers, SentencePiece, BPE, WordPiece,
+# tiktoken, Mistral's tekken); tokenizer_config.json alone only says which class reads them.
+_VOCABULARY_PATTERNS = ("tokenizer.json", "*.model", "vocab.*", "merges.txt", "*.tiktoken",
+                        "tekken.json")
+_COPY_TOKENIZER = ("Copy the tokenizer files that came with the model (tokenizer.json and "
+                   "tokenizer_config.json, or tokenizer.model) into that folder, or pick the "
+                   "model's original folder.")
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """A local model folder must hold a vocabulary file; say which files are missing if not."""
+    if not folder.is_dir() or any(any(folder.glob(p)) for p in _VOCABULARY_PATTERNS):
+        return
+    missing = "tokenizer.json (or tokenizer.model, vocab.json + merges.txt, vocab.txt)"
+    if not (folder / "tokenizer_config.json").is_file():
+        missing += " and tokenizer_config.json"
+    raise ModelSourceError(f"The model folder {folder} has no tokenizer: it lacks {missing}.",
+                           _COPY_TOKENIZER)
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_weight_files(resolved: ResolvedModel) -> None:
+    """A local folder's weights are safetensors, present and complete; else say which file and
+    what to do. Reads only each file's header (and the shard index), so it takes milliseconds."""
+    folder = Path(resolved.model_path)
+    if not folder.is_dir():
+        return                       # a hub id: transformers fetches safetensors or says why
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in _PICKLE_SUFFIXES)
+        if pickles:
+            raise _pickle_refusal(folder, ", ".join(pickles))
+        raise ModelSourceError(f"The model folder {folder} holds no weights (no *.safetensors "
+                               "file).", "Copy the model's weights (model.safetensors, or all its "
+                               "model-0000N-of-0000M.safetensors shards) into the folder, or "
+                               "convert the model again.")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text("utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelSourceError(f"{index} is unreadable ({type(exc).__name__}: {exc}).",
+                                   _DOWNLOAD_AGAIN) from None
+        missing = sorted(str(s) for s in shards if not (folder / str(s)).is_file())
+        if missing:
+            raise ModelSourceError(f"The model folder {folder} lacks weight shards its index "
+                                   f"lists: {', '.join(missing)}.", _DOWNLOAD_AGAIN)
+    from safetensors import safe_open
+
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as exc:     # SafetensorError (no public class to catch) or OSError
+            log.debug("checking %s", file, exc_info=True)
+            raise ModelSourceError(
+                f"The weights file {file} is damaged or incomplete ({file.stat().st_size:,} "
+                f"bytes; {str(exc).split(':')[-1].strip()}): a download or copy that stopped "
+                "early leaves such a file.", _DOWNLOAD_AGAIN) from None
+
+
+_DOWNLOAD_AGAIN = ("Download or copy the model again (all its files), or convert it again if it "
+                   "came from a .gguf file.")
+
+
+def _pickle_refusal(where, files: str) -> ModelSourceError:
+    return ModelSourceError(
+        f"{where} holds its weights as a pickle ({files}), which CPT Studio does not load: "
+        "reading a pickle can run any code hidden in it.",
+        "Use the model's safetensors release (model.safetensors), or convert the weights to "
+        "safetensors once, with a tool you trust, on a machine where that is safe.")
 
 
 def _tokenizer_hint(resolved: ResolvedModel, exc: Exception) -> str:
@@ -160,6 +245,13 @@ def _load_error(resolved: ResolvedModel, exc: Exception) -> ModelSourceError:
     where = resolved.display_name or resolved.model_path
     if isinstance(exc, ImportError):
         return ModelSourceError(f"Cannot load {where}: {exception_text(exc)}", import_hint(exc))
+    if refused_pickle(exc):
+        # torch's own text advises weights_only=False: never pass that on.
+        return _pickle_refusal(where, "a .bin or .pt file")
+    hub = not Path(resolved.model_path).is_dir()
+    if isinstance(exc, OSError) and "safetensors" in text and hub:
+        return ModelSourceError(f"{where} has no safetensors weights on the hub: {text}",
+                                _pickle_refusal(where, "").hint)
     if "out of memory" in text.lower():
         return ModelSourceError(f"Out of memory loading {where}.", _OOM_HINT)
     if isinstance(exc, (KeyError, ValueError)) and ("model_type" in text or "architecture" in text

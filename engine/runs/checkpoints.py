@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..atomic import file_sha256, publish_dir_atomic, write_text_atomic
-from ..errors import CheckpointError
+from ..errors import CheckpointError, exception_text
 from .store import RunDir, process_alive
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def _torch_load(file: Path):
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types; all mean a bad file
-        raise CheckpointError(f"Cannot read {file}: {exc}",
+        raise CheckpointError(f"Cannot read {file}: {exception_text(exc)}",
                               "The file is damaged; pick another checkpoint.") from None
 
 

@@ -313,27 +313,32 @@ class Workspace:
 
     def rename_run(self, run_id: str, new_name: str) -> RunDir:
         """Change the display name in config.yaml; the folder (and id) stays."""
+        from .lock import RunLock
         run = self.get_run(run_id)
-        data = run.raw_config()
-        if not data:
-            raise WorkspaceError(f"{run.config_path} is missing or unreadable.",
-                                 "Restore the file, or delete the run.")
-        data["name"] = check_run_name(new_name)
-        write_text_atomic(run.config_path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        name = check_run_name(new_name)
+        with RunLock(run, "rename"):     # raises RunBusy while a worker or an export writes the run
+            data = run.raw_config()
+            if not data:
+                raise WorkspaceError(f"{run.config_path} is missing or unreadable.",
+                                     "Restore the file, or delete the run.")
+            data["name"] = name
+            write_text_atomic(run.config_path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
         return run
 
     def delete_run(self, run_id: str) -> None:
-        """Remove a run folder (refused while its worker runs)."""
+        """Remove a run folder (refused while its worker or an export writes it: RunBusy)."""
+        from .lock import RunLock
         run = self.get_run(run_id)
-        if run.status() == "running":
-            raise WorkspaceError(f"Run {run.id} is still training.", "Stop it first, then delete it.")
-        # Rename first so a half-deleted folder never shows up as a run.
-        trash = run.path.with_name(f".deleting-{run.id}-{os.getpid()}")
-        try:
-            os.replace(run.path, trash)
-        except OSError as exc:      # e.g. Windows: a file inside is open in another program
-            raise WorkspaceError(f"Cannot delete {run.path}: {exc.strerror or exc}.",
-                                 "Close programs using files of this run and try again.") from None
+        with RunLock(run, "delete"):
+            if run.status() == "running":   # a worker of a version without the run lock
+                raise WorkspaceError(f"Run {run.id} is still training.", "Stop it first, then delete it.")
+            # Rename first so a half-deleted folder never shows up as a run.
+            trash = run.path.with_name(f".deleting-{run.id}-{os.getpid()}")
+            try:
+                os.replace(run.path, trash)
+            except OSError as exc:      # e.g. Windows: a file inside is open in another program
+                raise WorkspaceError(f"Cannot delete {run.path}: {exc.strerror or exc}.",
+                                     "Close programs using files of this run and try again.") from None
         shutil.rmtree(trash, ignore_errors=True)
         log.info("deleted run %s", run.id)
 

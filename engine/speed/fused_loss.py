@@ -7,8 +7,9 @@ cross-entropy with the head's weight, found through peft's wrappers.
 The head may be a plain Linear, peft's modules_to_save copy (fully trained), a peft lora.Linear on
 a frozen weight, or the tied-embedding LoRA head of engine.model.adapters. The registry's
 "fused_loss" transform (engine/speed/registry.py) decides whether the trainer's loss goes this way:
-only when `loss_code_changed` finds the causal LM's forward, its loss function and peft's model
-wrappers at versions engine/speed/upstream.py knows (this path skips all of them).
+only for the families of engine/speed/coverage.FUSED_LOSS, and when `loss_code_changed` finds the
+causal LM's forward, its loss function and peft's model wrappers at versions engine/speed/upstream.py
+knows (this path skips all of them) and no final logit soft-cap (Gemma-2's) in the config.
 """
 from __future__ import annotations
 
@@ -52,10 +53,19 @@ def loss_code_changed(model: nn.Module, causal_lm: nn.Module) -> str | None:
     """Why the fused loss may not stand in for model(...).loss here (upstream.check), or None.
 
     It runs the causal LM's body and its own lm_head + cross-entropy, skipping the causal LM's
-    forward, its loss function and peft's model wrappers (PeftModel[ForCausalLM], LoraModel).
+    forward, its loss function and peft's model wrappers (PeftModel[ForCausalLM], LoraModel). A
+    forward that soft-caps the logits when its config says so (Gemma's) is one only without the cap.
     """
+    forward = type(causal_lm).forward
+    key = "ForCausalLM.forward"
+    if upstream.fingerprint(forward) in upstream.KNOWN["SoftCappedForCausalLM.forward"].known:
+        key = "SoftCappedForCausalLM.forward"
+        cap = getattr(getattr(causal_lm, "config", None), "final_logit_softcapping", None)
+        if cap is not None:
+            return (f"fused lm_head + cross-entropy off: {type(causal_lm).__name__} soft-caps its logits "
+                    f"(final_logit_softcapping={cap}); the fused kernel does not")
     loss_fn = getattr(causal_lm, "loss_function", None)
-    checks = [("ForCausalLM.forward", type(causal_lm).forward), ("ForCausalLMLoss", loss_fn)]
+    checks = [(key, forward), ("ForCausalLMLoss", loss_fn)]
     if "fixed_cross_entropy" in getattr(getattr(loss_fn, "__code__", None), "co_names", ()):
         checks.append(("fixed_cross_entropy", loss_fn.__globals__.get("fixed_cross_entropy")))
     if model is not causal_lm:   # a PeftModel: its forward and its tuner's

@@ -4,23 +4,28 @@ Each `apply_*` below is one entry of engine/speed/registry.py (which decides whe
 in what order) and binds through `surgery.bind`, which keeps the undo. Classes inside transformers
 are never touched and nothing happens at import time.
 
-- rmsnorm: every RMSNorm of a Llama / Mistral / Qwen2 / Qwen3 model -> kernels.rmsnorm
-- swiglu_mlp: every MLP of those models with a SiLU gate: down(swiglu(gate(x), up(x))); gate, up
+- rmsnorm: every RMSNorm of a Llama / Mistral / Qwen2 / Qwen3 / Phi-3 model -> kernels.rmsnorm
+- swiglu_mlp: every MLP of a Llama / Mistral / Qwen2 / Qwen3 model with a SiLU gate:
+  down(swiglu(gate(x), up(x))); gate, up
   and down stay the modules they are (LoRA-wrapped or 4-bit), only the activation product is
   fused. While an offloaded checkpoint re-runs the layer for its backward (`surgery.recompute`,
   shared with engine/speed/offload_checkpoint.py), down_proj is called through
   lora_forward.project_value_unused: the MLP output only carries the gradient there, so a fused
   4-bit down_proj skips its dequantize and GEMMs
-- rope: every attention module of those models runs our RoPE kernel (engine/speed/rope.py)
+- rope: every attention module of a Llama / Mistral / Qwen2 / Qwen3 model runs our RoPE kernel
+  (engine/speed/rope.py)
 - lora_forwards: every peft LoRA Linear (nn.Linear or bnb Linear4bit base) with one active
   adapter, no DoRA, no dropout, not merged -> engine/speed/lora_forward.py (base(x) then one
   in-place addmm; a 4-bit base as one autograd function from kernels/)
 - lora_groups: an attention's q/k/v and an MLP's gate/up, when all took the fused 4-bit function,
   as one function (engine/speed/lora_group.py)
 
-Each replaced library function is first checked against the versions it was written for
-(engine/speed/upstream.py). One that changed leaves its modules on the library's code, with one
-warning in the log and the same line in the surgery's summary.
+The families each kernel transform applies to, and why it leaves the others, are its Coverage in
+engine/speed/coverage.py (the registry's plan reads the same): a model of another family keeps
+its modules on transformers' code, with the reason in the surgery's notes. Each replaced library
+function is then checked against the versions it was written for (engine/speed/upstream.py). One
+that changed leaves its modules on the library's code, with one warning in the log and the same
+line in the surgery's summary.
 """
 from __future__ import annotations
 
@@ -30,19 +35,28 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from . import upstream
+from .coverage import RMSNORM, ROPE, SWIGLU, Coverage, model_type_of
 
 if TYPE_CHECKING:
     from .registry import Surgery
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-CLASS_PREFIXES = ("Llama", "Mistral", "Qwen2", "Qwen3")
 _SILU_CLASSES = ("SiLU", "SiLUActivation")
 
 
-def _modules(model: nn.Module, suffix: str):
+def _covered(model: nn.Module, coverage: Coverage, kernel: str, surgery: Surgery) -> tuple[str, ...] | None:
+    """The class-name prefixes of the modules to change, or None (the reason noted) when the model's
+    family is not covered."""
+    reason = coverage.reason(model_type_of(model))
+    if reason:
+        surgery.note(f"{kernel} off: {reason}")
+        return None
+    return coverage.prefixes
+
+
+def _modules(model: nn.Module, suffix: str, prefixes: tuple[str, ...]):
     for module in model.modules():
         name = type(module).__name__
-        if name.startswith(CLASS_PREFIXES) and name.endswith(suffix):
+        if name.startswith(prefixes) and name.endswith(suffix):
             yield module
 
 
@@ -54,7 +68,10 @@ def apply_rmsnorm(model: nn.Module, surgery: Surgery) -> None:
     def rmsnorm_forward(self, hidden_states):
         return rmsnorm(hidden_states, self.weight, self.variance_epsilon, backend=backend)
 
-    for module in _modules(model, "RMSNorm"):
+    prefixes = _covered(model, RMSNORM, "RMSNorm kernel", surgery)
+    if prefixes is None:
+        return
+    for module in _modules(model, "RMSNorm", prefixes):
         if not hasattr(module, "variance_epsilon"):
             continue
         if not surgery.noted(upstream.check("RMSNorm.forward", type(module).forward)):
@@ -74,17 +91,24 @@ def apply_swiglu_mlp(model: nn.Module, surgery: Surgery) -> None:
             return project_value_unused(self.down_proj, product)
         return self.down_proj(product)
 
-    for module in _modules(model, "MLP"):
-        if not all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            continue
+    prefixes = _covered(model, SWIGLU, "SwiGLU kernel", surgery)
+    if prefixes is None:
+        return
+    left = 0
+    for module in _modules(model, "MLP", prefixes):
         act = getattr(module, "act_fn", None)
-        if type(act).__name__ not in _SILU_CLASSES:
+        if (not all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj"))
+                or type(act).__name__ not in _SILU_CLASSES):
+            left += 1
             continue
         checks = [("MLP.forward", type(module).forward)]
         if type(act) is not nn.SiLU:   # transformers' SiLUActivation
             checks.append(("SiLUActivation.forward", type(act).forward))
         if not surgery.noted(upstream.check_all(checks)):
             surgery.bind(module, mlp_forward)
+    if left:
+        surgery.note(f"SwiGLU MLP left as transformers': {left} MLP modules (not gate_proj, up_proj and "
+                     "down_proj with a SiLU act_fn)")
 
 
 def apply_rope(model: nn.Module, surgery: Surgery) -> None:
@@ -93,7 +117,10 @@ def apply_rope(model: nn.Module, surgery: Surgery) -> None:
     as it is)."""
     from .rope import ROPE_OFF, rope_forwards
 
-    forwards, left = rope_forwards(model, CLASS_PREFIXES, surgery.backend)
+    prefixes = _covered(model, ROPE, "RoPE kernel", surgery)
+    if prefixes is None:
+        return
+    forwards, left = rope_forwards(model, prefixes, surgery.backend)
     for module, forward in forwards:
         surgery.bind(module, forward)
     for reason, n in left.items():

@@ -27,7 +27,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from . import embedding_memory, patching, upstream
+from . import coverage, embedding_memory, patching, upstream
+from .coverage import Coverage
 from .fused_loss import (HeadCodeChanged, UnsupportedHead, causal_lm_of, fused_causal_lm_loss,
                          loss_code_changed, resolve_lm_head)
 from .lora_group import LABEL as GROUP_LABEL
@@ -35,7 +36,6 @@ from .offload_checkpoint import Recompute, apply_offloaded_checkpointing
 
 log = logging.getLogger(__name__)
 
-ARCHS = patching.SUPPORTED_MODEL_TYPES
 KERNELS = "kernels"
 
 
@@ -47,11 +47,15 @@ class Transform:
     switch: str                    # the Plan switch that asks for it
     apply: Callable[[nn.Module, "Surgery"], None]
     replaces: tuple[str, ...] = ()   # upstream.KNOWN keys of the code it stands in for
-    architectures: tuple[str, ...] | None = None   # model types it applies to; None: any
+    architectures: Coverage | None = None   # model types it applies to (speed/coverage.py); None: any
 
 
 def _apply_fused_loss(model: nn.Module, surgery: Surgery) -> None:
     causal_lm = causal_lm_of(model)
+    reason = coverage.FUSED_LOSS.reason(coverage.model_type_of(causal_lm))
+    if reason:
+        surgery.note(f"lm_head + cross-entropy: not fused ({reason})")
+        return
     if surgery.noted(loss_code_changed(model, causal_lm)):
         return
     try:
@@ -81,12 +85,12 @@ TRANSFORMS: tuple[Transform, ...] = (
               "every decoder layer with gradient checkpointing on", "offload_checkpoints",
               apply_offloaded_checkpointing, ("GradientCheckpointingLayer",)),
     Transform("rmsnorm", "RMSNorm ({impl})", "*RMSNorm modules", KERNELS, patching.apply_rmsnorm,
-              ("RMSNorm.forward",), ARCHS),
+              ("RMSNorm.forward",), coverage.RMSNORM),
     Transform("swiglu_mlp", "SwiGLU MLP ({impl})", "*MLP modules with a SiLU gate", KERNELS,
-              patching.apply_swiglu_mlp, ("MLP.forward", "SiLUActivation.forward"), ARCHS),
+              patching.apply_swiglu_mlp, ("MLP.forward", "SiLUActivation.forward"), coverage.SWIGLU),
     Transform("rope", "RoPE ({impl})", "*Attention modules", KERNELS, patching.apply_rope,
               ("apply_rotary_pos_emb", "rotate_half", "LlamaAttention.forward", "MistralAttention.forward",
-               "Qwen2Attention.forward", "Qwen3Attention.forward"), ARCHS),
+               "Qwen2Attention.forward", "Qwen3Attention.forward"), coverage.ROPE),
     Transform("lora_forwards", "LoRA Linear", "peft LoRA Linear layers (nn.Linear or bnb 4-bit base) "
               "with one active adapter, no dropout, no DoRA", KERNELS, patching.apply_lora_forwards,
               ("lora.Linear.forward", "BaseTunerLayer._cast_input_dtype")),
@@ -94,8 +98,9 @@ TRANSFORMS: tuple[Transform, ...] = (
               "q/k/v and gate/up that all took the fused 4-bit LoRA function", KERNELS,
               patching.apply_lora_groups),
     Transform("fused_loss", "lm_head + cross-entropy", "the causal LM's loss (a plain, trained, "
-              "LoRA or tied head)", KERNELS, _apply_fused_loss,
-              ("ForCausalLM.forward", "ForCausalLMLoss", "fixed_cross_entropy"), ARCHS),
+              "LoRA or tied head; no logit soft-cap)", KERNELS, _apply_fused_loss,
+              ("ForCausalLM.forward", "SoftCappedForCausalLM.forward", "ForCausalLMLoss",
+               "fixed_cross_entropy"), coverage.FUSED_LOSS),
 )
 NAMES = tuple(t.name for t in TRANSFORMS)
 _BY_NAME = {t.name: t for t in TRANSFORMS}
@@ -136,9 +141,8 @@ def plan_transforms(model_type: str, switches: Mapping[str, bool],
             choices.append(TransformChoice(t.name, False, "off: listed in training.disabled_transforms"))
         elif not switches.get(t.switch, False):
             choices.append(TransformChoice(t.name, False, f"off: {t.switch} is off"))
-        elif t.architectures is not None and model_type not in t.architectures:
-            choices.append(TransformChoice(t.name, False, f"off: architecture {model_type!r} is "
-                                           f"not one of {', '.join(t.architectures)}"))
+        elif t.architectures is not None and t.architectures.reason(model_type):
+            choices.append(TransformChoice(t.name, False, f"off: {t.architectures.reason(model_type)}"))
         else:
             reason = _library_reason(t, model_type)
             choices.append(TransformChoice(t.name, reason is None, reason or f"on: {t.applies_to}"))
@@ -147,10 +151,11 @@ def plan_transforms(model_type: str, switches: Mapping[str, bool],
 
 def _library_reason(t: Transform, model_type: str) -> str | None:
     """upstream.check of each definition t replaces that applies to model_type (None: all known)."""
+    folder = coverage.MODELING_FOLDER.get(model_type, model_type)
     for key in t.replaces:
         for where in upstream.KNOWN[key].where:
             module_name, qualname = where.split(":")
-            if ".models." in module_name and f".models.{model_type}." not in module_name:
+            if ".models." in module_name and f".models.{folder}." not in module_name:
                 continue
             obj = _lookup(module_name, qualname)
             if obj is not None:
@@ -328,15 +333,8 @@ KERNEL_TRANSFORMS = tuple(t.name for t in TRANSFORMS if t.switch == KERNELS)
 
 def apply_kernels(model: nn.Module, enabled: bool = True, backend: str = "auto",
                   defer_head_grad: bool = False) -> Surgery:
-    """The kernel transforms alone (training.kernels), for a model of a supported architecture."""
-    surgery = Surgery(model, backend, defer_head_grad)
+    """The kernel transforms alone (training.kernels); each leaves the modules of an architecture
+    it does not cover (engine/speed/coverage.py) stock, with the reason in the notes."""
     if not enabled:
-        return surgery
-    model_type = getattr(getattr(causal_lm_of(model), "config", None), "model_type", "")
-    if model_type not in ARCHS:
-        surgery._current = Applied("kernels", "kernels")
-        surgery.applied.append(surgery._current)
-        surgery.note(f"kernels off: architecture {model_type or type(model).__name__!r} "
-                     f"is not one of {', '.join(ARCHS)}")
-        return surgery
+        return Surgery(model, backend, defer_head_grad)
     return apply_transforms(model, KERNEL_TRANSFORMS, backend, defer_head_grad)

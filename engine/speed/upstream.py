@@ -53,16 +53,22 @@ class Internal:
     known: dict[str, str]        # fingerprint -> the versions it was seen in
 
 
-def _models(qualname: str) -> tuple[str, ...]:
-    """`{}RMSNorm.forward` in the modeling module of each supported architecture."""
-    return tuple(f"transformers.models.{m}.modeling_{m}:{qualname.format(c)}"
-                 for m, c in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"),
-                              ("qwen3", "Qwen3")))
+_FAMILIES = (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
+
+
+def _models(qualname: str, more: tuple[tuple[str, str], ...] = ()) -> tuple[str, ...]:
+    """`{}RMSNorm.forward` in the modeling module of each Llama-like family and of `more`
+    ((folder, class prefix) pairs)."""
+    return tuple(f"transformers.models.{m}.modeling_{m}:{qualname.format(c)}" for m, c in _FAMILIES + more)
+
+
+_PHI3 = (("phi3", "Phi3"),)
 
 
 # The releases read: transformers 5.17.0 (the GPU benchmarks), 5.18.0, 5.19.0, 5.20.2, 5.21.1, 5.22.2,
 # 5.23.0, 5.24.0 (CI), 5.25.0 (last patch of each minor in pyproject's range); peft 0.21.0-0.21.2;
 # bitsandbytes 0.50.0-0.50.2. Where a fingerprint changed, the diff was read before adding it.
+# Phi3RMSNorm.forward and Phi3ForCausalLM.forward have Llama's fingerprints in each of those releases.
 _TF = "5.17.0 5.18.0 5.19.0 5.20.2 5.21.1 5.22.2 5.23.0 5.24.0 5.25.0"
 _PEFT = "0.21.0 0.21.1 0.21.2"
 _TF_PKV = "5.17.0 5.18.0 5.19.0 5.20.2 5.21.1 5.22.2 5.23.0 (past_key_values.update(k, v, layer_idx))"
@@ -70,7 +76,7 @@ _TF_CACHE = "5.24.0 5.25.0 (cache.update(k, v, layer_idx, kwargs=kwargs))"
 
 KNOWN: dict[str, Internal] = {
     # engine/speed/patching.py: kernels.rmsnorm computes weight * (x / rms(x)) in x's dtype
-    "RMSNorm.forward": Internal("transformers", "RMSNorm kernel", _models("{}RMSNorm.forward"), {
+    "RMSNorm.forward": Internal("transformers", "RMSNorm kernel", _models("{}RMSNorm.forward", _PHI3), {
         "51d7ea77e576": _TF}),
     # engine/speed/patching.py: down(swiglu(gate(x), up(x))), silu on the gate
     "MLP.forward": Internal("transformers", "SwiGLU kernel", _models("{}MLP.forward"), {
@@ -101,10 +107,19 @@ KNOWN: dict[str, Internal] = {
     # engine/speed/patching.py fused loss: lm_head(hidden) with no scale or soft-cap, then the mean
     # cross-entropy of the shifted labels, -100 ignored
     "ForCausalLM.forward": Internal("transformers", "fused lm_head + cross-entropy",
-                                    _models("{}ForCausalLM.forward"), {
+                                    _models("{}ForCausalLM.forward", _PHI3), {
         "3445d67423f6": "5.17.0 5.18.0 5.19.0 5.20.2",
         "0bf8af3d4c4b": "5.21.1 5.22.2 5.23.0 (lm_head slice through slice_logits_to_keep)",
         "d8f448fd51a2": "5.24.0 5.25.0 (past_key_values renamed cache)"}),
+    # Gemma's: the same, then logits = cap * tanh(logits / cap) when config.final_logit_softcapping
+    # is set; the fused loss runs only where it is None (engine/speed/fused_loss.loss_code_changed).
+    # Each version changed as Llama's did, in the same release.
+    "SoftCappedForCausalLM.forward": Internal("transformers", "fused lm_head + cross-entropy", (
+        "transformers.models.gemma2.modeling_gemma2:Gemma2ForCausalLM.forward",
+        "transformers.models.gemma3.modeling_gemma3:Gemma3ForCausalLM.forward"), {
+        "b5232ef1cba3": "5.17.0 5.18.0 5.19.0 5.20.2",
+        "99d85ff50849": "5.21.1 5.22.2 5.23.0 (lm_head slice through slice_logits_to_keep)",
+        "313070781adf": "5.24.0 5.25.0 (past_key_values renamed cache)"}),
     "ForCausalLMLoss": Internal("transformers", "fused lm_head + cross-entropy", (
         "transformers.loss.loss_utils:ForCausalLMLoss",), {
         "fa889f711e76": _TF}),

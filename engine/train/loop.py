@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 
 from ..atomic import publish_dir_atomic, write_text_atomic
 from ..runs.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..runs.control import ControlChannel
+from ..runs.control import ControlChannel, StopNow
 from ..errors import CptError, exception_text
 from ..model.adapters import EMBEDDINGS_GROUP, LORA_GROUP
 from .evaluation import evaluate_blocks, generate_samples
@@ -48,9 +49,15 @@ def run_training(config, workspace, run_dir, sink, control: Optional[ControlChan
     """Train one run to its end (or a stop command); never raises for a user-facing failure."""
     control = control or ControlChannel()
     step = 0
+    loop = TrainingLoop(config, workspace, run_dir, sink, control)
     try:
-        loop = TrainingLoop(config, workspace, run_dir, sink, control)
         return loop.run(resume)
+    except StopNow as exc:   # a second stop signal, or one before training began: no save
+        step = loop.stopped_at(resume)
+        sink.emit(Log(level="warning", message=f"{exc.name}: stopped at once at step {step}, without "
+                      "saving; the checkpoints written before are kept."))
+        sink.emit(RunFinished(step=step, final_loss=loop.last_loss, stopped_early=True))
+        return TrainResult("stopped", step, loop.last_loss, "", exc.exit_code)
     except CptError as exc:
         step = getattr(exc, "step", 0)
         sink.emit(RunFailed(kind=exc.kind, message=exc.message, hint=exc.hint, step=step))
@@ -122,6 +129,7 @@ class TrainingLoop:
         note = first_step_note(s.kernel_summary, s.device)
         if note:
             self.sink.emit(Phase(phase="training", progress=-1, message=note))   # busy, length unknown
+        self.control.begin_training()      # a stop signal now stops and saves
         while self.step < s.total_steps:
             started = time.perf_counter()
             loss = self._train_step()
@@ -147,12 +155,16 @@ class TrainingLoop:
                 last_saved = self.step
             elif command in ("stop", "stop_and_save"):
                 stopped = True
+                if self.control.stop_signal:
+                    self._log(f"{self.control.stop_signal}: stopping at step {self.step}; saving a "
+                              "checkpoint and the adapter (send it again to stop at once)", "warning")
                 if command == "stop":
                     self.sink.emit(RunFinished(step=self.step, final_loss=self.last_loss,
                                                stopped_early=True))
                     return TrainResult("stopped", self.step, self.last_loss, "", 0)
                 break
 
+        self.control.end_training()        # the final evaluation and saves run to their end
         if not stopped:
             self._evaluate()
         if last_saved != self.step:
@@ -240,11 +252,22 @@ class TrainingLoop:
         final = self.run_dir.adapter_dir
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         self.sink.emit(Phase(phase="saving", progress=-1, message="final adapter"))
-        self.s.model.save_pretrained(str(tmp))
-        write_text_atomic(tmp / TRAINER_STATE_FILE, json.dumps(self._trainer_state(), indent=1))
-        publish_dir_atomic(tmp, final)
+        try:
+            self.s.model.save_pretrained(str(tmp))
+            write_text_atomic(tmp / TRAINER_STATE_FILE, json.dumps(self._trainer_state(), indent=1))
+            publish_dir_atomic(tmp, final)
+        except BaseException:      # a second stop signal, a full disk: no half adapter left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.sink.emit(CheckpointSaved(step=self.step, path=str(final), kind="adapter"))
         return final
+
+    def stopped_at(self, resume: bool) -> int:
+        """The step the run stands at; stopped while a resume was loading, its latest checkpoint's."""
+        if self.step or not resume:
+            return self.step
+        ckpt = latest_checkpoint(self.run_dir)
+        return int(ckpt.name.split("-")[1]) if ckpt is not None else 0
 
     def _restore_latest(self) -> int:
         ckpt = latest_checkpoint(self.run_dir)

@@ -25,9 +25,10 @@ from ..model.adapters import attach_adapters, count_parameters
 from ..data.batches import BlockSampler
 from ..config import RunConfig
 from ..runs.events import Phase
-from ..errors import ModelSourceError
+from ..errors import ModelSourceError, exception_text
 from ..model.loading import load_base_model
 from ..model.source import describe_model, resolve_model_source
+from . import estimate
 from .optim import build_optimizer, build_scheduler
 from .plan import Plan, resolve
 from ..data.packing import build_packed_data
@@ -91,7 +92,8 @@ def setup_training(cfg: RunConfig, workspace, emit: Callable, device: Optional[t
     emit(Phase(phase="loading_model", progress=0.0, message="Resolving the model", pid=os.getpid()))
     resolved = resolve_model_source(cfg.model.source, workspace.models_dir)
     init_from = cfg.init_from or resolved.adapter_path
-    plan = resolve(cfg, device, _model_info(resolved, cfg))
+    info = _model_info(resolved, cfg)
+    plan = resolve(cfg, device, info)
     emit(Phase(phase="loading_model", progress=0.3, message=f"Loading {resolved.display_name}"))
     model, tokenizer = load_base_model(resolved, plan.precision, device.type,
                                        cfg.model.trust_remote_code)
@@ -106,6 +108,10 @@ def setup_training(cfg: RunConfig, workspace, emit: Callable, device: Optional[t
         progress=lambda frac, msg: emit(Phase(phase="tokenizing", progress=float(frac), message=msg)))
 
     sampler = BlockSampler(packed.train.shape[0], cfg.training.batch_size, cfg.training.seed)
+    if info is not None:       # refuse a step that cannot fit before it is killed for memory
+        estimate.check_step_memory(info, cfg, plan, sampler.batch_size, device,
+                                   sum(p.numel() * p.element_size() for p in model.parameters()
+                                       if p.requires_grad))
     t = cfg.training
     local_steps = t.max_steps or max(1, math.ceil(t.epochs * sampler.batches_per_epoch / t.grad_accum))
     base_step = int(read_trainer_state(init_from).get("step", 0)) if init_from else 0
@@ -201,7 +207,13 @@ def _load_optimizer_state(optimizer, folder: Path) -> None:
                               "with a fresh optimizer.")
     lrs = [g["lr"] for g in optimizer.param_groups]
     try:
-        optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:   # unpickling errors come in many types; all mean a bad file
+        raise CheckpointError(f"Cannot read the optimizer state {path}: {exception_text(exc)}",
+                              "Pick another checkpoint, or continue with a fresh optimizer "
+                              "(init_optimizer_state off).") from None
+    try:
+        optimizer.load_state_dict(state)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"The optimizer state in {path} does not fit this model/adapter: {exc}",
                               "Continue with a fresh optimizer instead.") from None

@@ -31,3 +31,9 @@ def test_demo_lowers_heldout_perplexity_and_leaves_a_loadable_adapter(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
     model = PeftModel.from_pretrained(base, finished.adapter_path)
     assert model.active_adapter == "default"
+
+    # The default export (bf16) passes its own check against the adapter.
+    exported = subprocess.run(cli_argv("export", started.run_id, "--workspace", ws),
+                              capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "merged-bf16" in exported.stdout and "verified" in exported.stdout

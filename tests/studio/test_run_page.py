@@ -141,3 +141,25 @@ def test_gui_stays_responsive_while_the_worker_floods_events(qtbot, make_page):
     assert len(late_ms) > 50
     p99 = float(np.percentile(late_ms, 99))
     assert p99 < 50, f"event loop p99 latency {p99:.1f} ms (max {late_ms.max():.0f} ms)"
+
+
+def test_a_refused_resume_writes_nothing_into_the_run_another_process_trains(
+        qtbot, make_page, workspace, tmp_path):
+    """`resume` of a run another live process writes ends with the worker's RunFailed (kind busy);
+    the studio shows it, and must not record it in that run's events (the other writer owns them)."""
+    from cpt_studio.engine.runs.events import RunFailed, RunStarted, to_json
+    from cpt_studio.engine.runs.lock import RunLock
+
+    run = workspace.create_run(RunConfig(name="busy"))
+    run.append_event(RunStarted(run_id=run.id, name="busy", config={}, pid=os.getpid()))
+    refusal = tmp_path / "refusal.jsonl"
+    refusal.write_text(to_json(RunFailed(kind="busy", message=f"Run {run.id} is in use: training "
+                                         f"in pid {os.getpid()} since 12:00:00.")) + "\n")
+    page = make_page(refusal, "--exit-code", 2)
+    ended = []
+    page.controller.run_ended.connect(lambda status, message: ended.append((status, message)))
+    with RunLock(run, "train"):                  # the other writer, alive
+        page.controller.resume(run.id)
+        finish(qtbot, page)
+        assert ended and ended[0][0] == "failed" and "is in use" in ended[0][1]
+        assert [type(e) for e in run.read_events()] == [RunStarted]
