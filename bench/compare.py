@@ -398,6 +398,12 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=0, help="seconds for everything (0 = none)")
     args = parser.parse_args()
     args.sides = list(dict.fromkeys(side for group in args.sides for side in group))
+    for spec in args.engine_variants:     # a shell that split "name=--opt value" leaves "name=--opt"
+        name, eq, variant_args = spec.partition("=")
+        if not (name and eq and variant_args.strip()):
+            parser.error(f"engine variant {spec!r}: write NAME=ARGS with ARGS non-empty, e.g. "
+                         "'flash=--sdpa-backend flash' in quotes, or flash=--sdpa-backend=flash "
+                         "where a shell variable splits on spaces (EXTRA of device_run.sh)")
     if args.mem_cap_gib is None:
         args.mem_cap_gib = 78.0 if args.probe_seq else 0.0
     Path(args.out).mkdir(parents=True, exist_ok=True)

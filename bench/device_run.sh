@@ -14,7 +14,8 @@
 # Device tool: carry [".whl"] (the bitsandbytes 0.50.2 wheel; the image has none). Results land in
 # $OUT: compare_p2.{json,md}, compare_p1.{json,md} (or probe_p1.{json,md}) and device_run.log.
 # Env knobs: STEPS (12), WARMUP (3), KERNELS (auto), BUDGET_S (530 = the whole call's seconds),
-# SHAPES ("p2 p1"), EXTRA (more compare.py arguments). CPU check of this script, from a copy of
+# SHAPES ("p2 p1"), EXTRA (more compare.py arguments, split on spaces: write an engine variant as
+# one word, --engine-variants flash=--sdpa-backend=flash). CPU check of this script, from a copy of
 # the tree: SHAPES=tiny EXTRA=--no-quant OUT=/tmp/o bash bench/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

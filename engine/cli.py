@@ -1,7 +1,7 @@
 """Headless CPT Studio: the same engine and events as the desktop app.
 
     cpt-studio train CONFIG.yaml [--workspace DIR] [--set section.field=value ...] [--events jsonl]
-    cpt-studio resume RUN [--max-steps N] [--workspace DIR] [--events jsonl]
+    cpt-studio resume RUN [--checkpoint step-N] [--max-steps N] [--workspace DIR] [--events jsonl]
     cpt-studio runs [--json] [--workspace DIR]
     cpt-studio export RUN [--dtype bf16|fp32|fp16] [--out DIR] [--overwrite] [--workspace DIR]
     cpt-studio demo [--max-steps N] [--workspace DIR] [--events jsonl]
@@ -11,6 +11,11 @@ prints one JSON event per line instead (the GUI's worker mode) and reads stop / 
 save_now commands from stdin. Ctrl-C, SIGTERM and SIGHUP stop and save (a second one stops at
 once); a run is written by one process at a time (runs/<id>/.lock), others are refused. `export` merges a run's newest adapter (or
 an adapter / checkpoint folder) into its base model and checks the saved model's logits.
+
+`resume` goes on from the newest checkpoint whose files match their manifest's sha256 (damaged
+newer ones are passed over, with a warning), or from `--checkpoint step-N`. Until training starts
+it writes nothing into the run folder: a resume that fails before (a checkpoint missing or
+damaged, the model or corpus gone) leaves the run's status as it was.
 """
 from __future__ import annotations
 
@@ -47,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Override a field, e.g. --set training.learning_rate=1e-4 (repeatable).")
     common(train)
 
-    resume = sub.add_parser("resume", help="Resume a run from its last complete checkpoint.")
+    resume = sub.add_parser("resume", help="Resume a run from its newest intact checkpoint.")
     resume.add_argument("run", help="Run id or run folder.")
+    resume.add_argument("--checkpoint", metavar="step-N", help="Resume from this checkpoint "
+                        "(default: the newest whose files match their checksums).")
     resume.add_argument("--max-steps", type=int, help="Train to this many steps in total "
                         "(extends a finished run).")
     common(resume)
@@ -126,11 +133,12 @@ def _workspace(args):
 
 
 def _train(config, args, resume_run) -> int:
+    from .runs.leftovers import remove_leftovers
     from .runs.lock import RunLock
     from .runs.store import take_command
 
     workspace = _workspace(args)
-    run_dir = workspace.get_run(resume_run) if resume_run is not None else workspace.create_run(config)
+    run_dir = workspace.get_run(resume_run) if resume_run is not None else _create_run(workspace, config)
     machine = args.events == "jsonl"
     control = ControlChannel(lambda: take_command(run_dir))
     control.catch_signals()             # before the lock: no stop signal can leave it behind
@@ -145,6 +153,7 @@ def _train(config, args, resume_run) -> int:
                                                          hint=exc.hint))
             raise
         with lock:
+            remove_leftovers(run_dir)   # what killed writers left (never a live process's)
             result = _train_locked(config, args, workspace, run_dir, control, resume_run)
     finally:
         control.restore_signals()
@@ -155,26 +164,40 @@ def _train(config, args, resume_run) -> int:
     return result.exit_code
 
 
+def _create_run(workspace, config):
+    from .errors import write_error
+
+    try:
+        return workspace.create_run(config)
+    except OSError as exc:      # config.yaml on a full disk
+        error = write_error(exc, "a new run folder", workspace.runs_dir, "start the run again")
+        if error is None:
+            raise
+        raise error from exc
+
+
 def _train_locked(config, args, workspace, run_dir, control, resume_run):
-    from .runs.sinks import FanOut, JsonLinesSink, RunFolderSink
+    from .runs.sinks import FanOut, JsonLinesSink, RunFolderSink, UntilStarted
     from .train.loop import run_training
 
-    if resume_run is not None:
+    resume = resume_run is not None
+    if resume:
         config = run_dir.load_config()
         if args.max_steps is not None:
-            config.training.max_steps = args.max_steps
-            config.save(run_dir.config_path)
+            config.training.max_steps = args.max_steps   # config.yaml follows once training starts
     machine = args.events == "jsonl"
     if machine:
         front = JsonLinesSink(sys.stdout)
     else:
         from .runs.console_progress import ConsoleProgress
         front = ConsoleProgress(sys.stdout)
-    sink = FanOut(RunFolderSink(run_dir), front)
+    folder = RunFolderSink(run_dir)
+    sink = FanOut(UntilStarted(folder) if resume else folder, front)
     if machine and not sys.stdin.isatty():
         control.listen_stdin()
     try:
-        return run_training(config, workspace, run_dir, sink, control, resume=resume_run is not None)
+        return run_training(config, workspace, run_dir, sink, control, resume=resume,
+                            checkpoint=getattr(args, "checkpoint", None))
     finally:
         sink.close()
 
@@ -226,6 +249,10 @@ def _cmd_runs(args) -> int:
         loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
         ev = f"{r.eval_loss:.4f}" if r.eval_loss is not None else "-"
         print(f"{r.id:<36} {r.status:<11} {r.steps:>6} {loss:>8} {ev:>8}  {r.name}")
+    for r in rows:
+        if r.skipped_lines:
+            print(f"note: {r.id}: {r.skipped_lines} damaged line(s) in its events.jsonl were skipped; "
+                  "its status and steps come from the others.")
     return 0
 
 

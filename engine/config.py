@@ -236,14 +236,34 @@ class RunConfig:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ConfigError({"(file)": f"{path} does not exist"}, str(path)) from None
+            raise ConfigError({"(file)": f"{path} not found"}, str(path),
+                              hint="Check the path. The studio's Training page writes a config "
+                                   "with Save; `cpt-studio demo` trains the embedded default "
+                                   "without one.") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError({"(file)": f"cannot read {path}: {exc}"}, str(path)) from None
+            raise ConfigError({"(file)": f"cannot read {path}: {exc}"}, str(path),
+                              hint="Save the config again as UTF-8 text (the studio's Training "
+                                   "page writes one with Save).") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError({"(file)": f"not valid YAML: {exc}"}, str(path)) from None
+            raise ConfigError({"(file)": _yaml_problem(exc)}, str(path),
+                              hint="Fix the YAML at the line shown, or save the config again "
+                                   "from the studio's Training page.") from None
         return cls.from_dict(data if data is not None else {}, str(path))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong with a YAML text, with its line and column, in words rather than parser jargon."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    if isinstance(exc, yaml.constructor.ConstructorError) and ":python/" in problem:
+        return (f"uses a !!python tag{where}; such tags can run code, so a config may not "
+                "hold them")
+    if isinstance(exc, yaml.constructor.ConstructorError):
+        return f"uses a YAML tag{where} that a config may not hold ({problem})"
+    return f"not valid YAML{where}: {problem}"
 
 
 def field_help(section: str, name: str | None = None) -> dict[str, str] | str:

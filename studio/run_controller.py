@@ -223,7 +223,10 @@ class RunController(QObject):
         self._drain(budget_s=None)
         end, source = self._end_event, self._source
         self._thread, self._source = None, None
-        if isinstance(end, RunFailed) and isinstance(source, WorkerProcess):
+        # A resume that failed before training started left the run as it was (the worker writes
+        # nothing into it until then): recording the failure would relabel the run.
+        started = not (self.mode == "resume" and getattr(source, "run_started", None) is None)
+        if isinstance(end, RunFailed) and isinstance(source, WorkerProcess) and started:
             self._mark_failed(end)
         self._cleanup_temp()
         self._set_state(IDLE)

@@ -222,3 +222,17 @@ def test_unsloth_train_help_needs_no_unsloth():
     assert done.returncode == 0, done.stderr
     assert "--json-out" in done.stdout and "Unsloth" in done.stdout
     assert "unsloth" not in sys.modules   # importing the module did not import unsloth either
+
+
+@pytest.mark.parametrize("variants", [["flash=--sdpa-backend", "flash"], ["nothing="]])
+def test_an_engine_variant_split_by_the_shell_is_refused(variants, monkeypatch, capsys, tmp_path):
+    """`EXTRA="--engine-variants flash=--sdpa-backend flash"` reaches compare.py split in two: the
+    first part has an option without its value, the second no arguments at all (the default run
+    again, under the variant's name). Both must stop the call before any side runs."""
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--shape", "tiny", "--sides", "engine",
+                                      "--out", str(tmp_path), "--engine-variants", *variants])
+    monkeypatch.setattr(compare, "ensure_model", lambda *a: pytest.fail("a side was started"))
+    with pytest.raises(SystemExit) as stop:
+        compare.main()
+    assert stop.value.code == 2
+    assert "flash=--sdpa-backend=flash" in capsys.readouterr().err

@@ -34,7 +34,6 @@ built yet; only the merged safetensors model is.
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import json
 import logging
@@ -49,7 +48,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..atomic import publish_dir_atomic, write_text_atomic
-from ..errors import CheckpointError, CptError, WorkspaceError
+from ..errors import CheckpointError, CptError, DiskFullError, WorkspaceError, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +252,15 @@ def _export_merged(source, out_dir, workspace, dtype, progress, overwrite,
         _check_destination(final, overwrite, adapter, run)   # nobody wrote there meanwhile
         publish_dir_atomic(tmp, final)
     except BaseException as exc:
+        # Judged before tmp is removed (its files are what fills the disk).
+        full = not isinstance(exc, CptError) and is_disk_full(exc, final.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, CptError):
             raise
-        if _is_disk_full(exc, final.parent):
-            raise WorkspaceError(f"The disk is full: could not write the merged model to {final}.",
-                                 "Free some space (a merged model is about the base model's size "
-                                 "at that dtype) or pick another output folder.") from exc
+        if full:                              # ENOSPC / EDQUOT, as safetensors or torch wrap it
+            raise DiskFullError(f"The disk is full: could not write the merged model to {final}.",
+                                f"Free space at {final.parent} (a merged model is about the base "
+                                "model's size at that dtype), or pick another output folder.") from exc
         if isinstance(exc, OSError):
             raise WorkspaceError(f"Could not write the merged model to {final}: "
                                  f"{exc.strerror or exc}.",
@@ -413,17 +414,6 @@ def _check_free_space(folder: Path, needed: int) -> None:
         raise WorkspaceError(f"Not enough disk space for the merged model in {folder}: it needs "
                              f"about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free.",
                              "Free some space or pick another output folder.")
-
-
-def _is_disk_full(exc: BaseException, folder: Path) -> bool:
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return True
-    if "no space left on device" in str(exc).lower():   # safetensors / torch wrap the OSError
-        return True
-    try:
-        return isinstance(exc, RuntimeError) and shutil.disk_usage(folder).free < (64 << 20)
-    except OSError:
-        return False
 
 
 def _remove_dead_temps(final: Path) -> None:

@@ -140,6 +140,13 @@ def _check_tokenizer_files(folder: Path) -> None:
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
+def check_model_files(resolved: ResolvedModel) -> None:
+    """A local model folder's weights and tokenizer files are there and whole (headers only, in
+    milliseconds), so that the Model page can say so before any run starts."""
+    check_weight_files(resolved)
+    _check_tokenizer_files(Path(resolved.model_path))
+
+
 def check_weight_files(resolved: ResolvedModel) -> None:
     """A local folder's weights are safetensors, present and complete; else say which file and
     what to do. Reads only each file's header (and the shard index), so it takes milliseconds."""

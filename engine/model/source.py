@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..atomic import fsync_dir
-from ..errors import ModelSourceError, exception_text, import_hint
+from ..errors import ModelSourceError, exception_text, import_hint, is_disk_full, write_error
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,9 @@ def convert_gguf(gguf: Path, models_dir: Path, progress: Progress = None) -> Pat
         raise ModelSourceError(f"Cannot convert {gguf}: {exception_text(exc)}",
                                import_hint(exc)) from None
     except Exception as exc:   # a damaged file can fail anywhere in the GGUF parser
+        if is_disk_full(exc, final.parent):     # judged while tmp still holds what filled it
+            raise write_error(exc, f"the model converted from {gguf.name}", final.parent,
+                              "start again (the conversion is done once)") from None
         hint = ("This GGUF architecture is not supported by transformers; pick a Hugging Face "
                 "folder of the model instead." if "not supported" in str(exc)
                 else "Check the file is a complete .gguf model (re-download it if unsure).")
@@ -329,7 +332,9 @@ def describe_model(resolved: ResolvedModel, trust_remote_code: bool = False) -> 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .adapters import discover_target_modules, linear_shapes
+    from .loading import check_model_files
 
+    check_model_files(resolved)
     try:
         config = AutoConfig.from_pretrained(resolved.model_path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):

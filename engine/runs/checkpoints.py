@@ -1,12 +1,20 @@
 """Atomic, verifiable training checkpoints: `runs/<id>/checkpoints/step-<N>/`.
 
     path = save_checkpoint(run, step, model, optimizer, scheduler, {"step": step, ...}, keep_last=3)
-    path = latest_checkpoint(run)                        # newest complete one, or None
-    state = load_checkpoint(path, model, optimizer, scheduler)   # -> trainer_state dict
+    path = latest_checkpoint(run)                        # newest whose file sizes match, or None
+    choice = choose_checkpoint(run)                      # what resume takes: checked by content
+    choice = choose_checkpoint(run, "step-40")           # an explicit one (resume --checkpoint)
+    state = load_checkpoint(choice.path, model, optimizer, scheduler)   # -> trainer_state dict
 
 A checkpoint is written into `checkpoints/.step-<N>.tmp-<pid>-<random>/` and renamed into place once
 complete, so a `step-<N>` folder exists only when every file and the manifest (sha256 + size of
-each file) were written. Weights go through safetensors and `torch.load(weights_only=True)` only.
+each file) were written. A write that fails (a full disk included) removes its temp folder and
+raises a CptError naming the folder; the earlier checkpoints stay as they were. Weights go
+through safetensors and `torch.load(weights_only=True)` only.
+
+Resume chooses by content: `choose_checkpoint` checks every file's sha256 against the manifest,
+newest first, and passes over damaged ones with the reason (`CheckpointChoice.notes`).
+`latest_checkpoint` compares sizes only: quick enough for listings (the studio's model picker).
 """
 from __future__ import annotations
 
@@ -18,13 +26,14 @@ import random
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from ..atomic import file_sha256, publish_dir_atomic, write_text_atomic
-from ..errors import CheckpointError, exception_text
+from ..atomic import file_sha256, publish_dir_atomic, restore_replaced_dir, write_text_atomic
+from ..errors import CheckpointError, exception_text, write_error
 from .store import RunDir, process_alive
 
 log = logging.getLogger(__name__)
@@ -33,8 +42,7 @@ MANIFEST = "manifest.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 # Hidden work folders: .step-N.tmp-<pid>-<rand>, .step-N.deleting-<pid>, .step-N.old
-_HIDDEN_RE = re.compile(r"^\.step-\d+\.(?:(?:tmp|deleting)-(\d+)(?:-\w+)?|old)$")
-_DISK_HINT = "Check free disk space and that the run folder is writable."
+_HIDDEN_RE = re.compile(r"^\.step-(\d+)\.(?:(?:tmp|deleting)-(\d+)(?:-\w+)?|old)$")
 
 
 def save_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, trainer_state: dict,
@@ -60,14 +68,14 @@ def save_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, trainer
         write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         publish_dir_atomic(tmp, final)
     except BaseException as exc:
-        # torch.save reports a full disk as a RuntimeError; look at the disk before freeing tmp.
-        disk_full = isinstance(exc, RuntimeError) and _free_bytes(root) < 64 << 20
+        # Judged before tmp is removed: torch.save's RuntimeError says nothing of the disk, and
+        # the space would be free again once tmp is gone.
+        error = write_error(exc, f"checkpoint step-{step}", root, lambda: resume_advice(run))
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) or disk_full:
-            reason = "the disk is full" if disk_full else (getattr(exc, "strerror", None) or exc)
-            raise CheckpointError(f"Could not write checkpoint {final}: {reason}.", _DISK_HINT) from exc
-        raise
+        if error is None:
+            raise
+        raise error from exc
     _prune(root, step, keep_last)
     log.info("saved checkpoint %s", final)
     return final
@@ -92,26 +100,32 @@ def _prune(root: Path, step: int, keep_last: int) -> None:
         log.info("deleted old checkpoint %s", path.name)
 
 
-def clean_temp_folders(root: Path, writer: bool = False) -> None:
+def clean_temp_folders(root: Path, writer: bool = False) -> list[Path]:
     """Remove folders left by a writer that died mid-checkpoint (never one whose writer still runs).
 
-    `writer=True` (the run's own trainer) also removes `.step-N.old` leftovers of an interrupted
-    replace, which carry no pid.
+    `writer=True` (the run's own trainer, under the run lock) also settles `.step-N.old`, left by
+    a writer killed while replacing step-N (it carries no pid): put back when step-N is missing
+    (it is the only copy), else removed. Returns the folders removed or put back.
     """
     if not root.is_dir():
-        return
+        return []
+    handled = []
     for path in root.iterdir():
         match = _HIDDEN_RE.match(path.name)
         if not match:
             continue
-        if match.group(1):
-            pid = int(match.group(1))
-            dead = pid != os.getpid() and not process_alive(pid)
-        else:
-            dead = writer
-        if dead:
+        if match.group(2):
+            pid = int(match.group(2))
+            if pid == os.getpid() or process_alive(pid):
+                continue
             shutil.rmtree(path, ignore_errors=True)
             log.info("removed unfinished checkpoint folder %s", path)
+            handled.append(path)
+        elif writer:
+            done = restore_replaced_dir(root / f"step-{match.group(1)}")
+            log.info("%s checkpoint folder %s left by an interrupted replace", done, path)
+            handled.append(path)
+    return handled
 
 
 def _step_of(path: Path) -> int:
@@ -139,7 +153,10 @@ def list_checkpoints(where: RunDir | str | Path) -> list[Path]:
 
 
 def latest_checkpoint(where: RunDir | str | Path) -> Path | None:
-    """The newest checkpoint whose files match its manifest sizes; damaged ones are skipped."""
+    """The newest checkpoint whose files match its manifest sizes; damaged ones are skipped.
+
+    Sizes only, for listings; a resume takes `choose_checkpoint`, which checks the content.
+    """
     for path in reversed(list_checkpoints(where)):
         try:
             verify_checkpoint(path, full=False)
@@ -147,6 +164,103 @@ def latest_checkpoint(where: RunDir | str | Path) -> Path | None:
         except CheckpointError as exc:
             log.warning("skipping checkpoint %s: %s", path, exc.message)
     return None
+
+
+@dataclass(frozen=True)
+class CheckpointChoice:
+    """The checkpoint a resume starts from (None: the run has none yet) and the newer ones passed
+    over as damaged, each as (folder name, why)."""
+    path: Path | None
+    skipped: tuple[tuple[str, str], ...] = ()
+    explicit: bool = False
+
+    @property
+    def step(self) -> int:
+        return _step_of(self.path) if self.path is not None else 0
+
+    def notes(self) -> list[str]:
+        """What the resume says about the choice (warnings for the console and the studio log)."""
+        notes = [f"Checkpoint {name} is damaged: {why}" for name, why in self.skipped]
+        if self.skipped:
+            notes.append(f"Resuming from {self.path.name} instead, the newest intact checkpoint.")
+        return notes
+
+
+def choose_checkpoint(run: RunDir, wanted: str | int | None = None) -> CheckpointChoice:
+    """The checkpoint a resume starts from, each file checked against its manifest's sha256.
+
+    wanted=None: the newest intact one; newer damaged ones are passed over and listed in
+    `skipped`. wanted="step-N" (or N, or the path of one of the run's checkpoint folders): that
+    one.
+
+    Raises:
+        CheckpointError: the wanted checkpoint is missing or damaged (the message names the ones
+            there are), or every checkpoint of the run is damaged.
+    """
+    root = run.checkpoints_dir
+    clean_temp_folders(root)
+    folders = _step_folders(root)
+    if wanted is not None and str(wanted).strip():
+        return _chosen(run, folders, parse_checkpoint_step(wanted, run))
+    skipped = []
+    for path in reversed(folders):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            skipped.append((path.name, exc.message))
+            continue
+        return CheckpointChoice(path, tuple(skipped))
+    if skipped:
+        raise CheckpointError(
+            f"No checkpoint of run {run.id} is intact: "
+            + "; ".join(f"{name}: {why}" for name, why in skipped),
+            "Train it again as a new run with the same settings (Duplicate on the History page, "
+            f"or `cpt-studio train {run.config_path}`); the damaged checkpoints are left as they are.")
+    return CheckpointChoice(None)
+
+
+def _chosen(run: RunDir, folders: list[Path], step: int) -> CheckpointChoice:
+    path = next((p for p in folders if _step_of(p) == step), None)
+    others = [p.name for p in folders if _step_of(p) != step and (p / MANIFEST).is_file()]
+    if path is None:
+        raise CheckpointError(f"Run {run.id} has no checkpoint step-{step}.", _others_hint(run, others))
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"Checkpoint step-{step} of run {run.id} is damaged: {exc.message}",
+                              _others_hint(run, others)) from None
+    return CheckpointChoice(path, explicit=True)
+
+
+def _others_hint(run: RunDir, others: list[str]) -> str:
+    if not others:
+        return (f"Run {run.id} has no other checkpoint. Resume without --checkpoint (from the "
+                "beginning when it has none), or train it again as a new run (Duplicate).")
+    return (f"Its checkpoints: {', '.join(others)}. Pick one (`cpt-studio resume {run.id} "
+            f"--checkpoint {others[-1]}`), or leave out --checkpoint to take the newest intact one.")
+
+
+def parse_checkpoint_step(wanted: str | int, run: RunDir) -> int:
+    """The step of `step-N`, `N`, or the path of a checkpoint folder of `run`."""
+    text = str(wanted).strip()
+    match = re.match(r"^(?:step-)?(\d+)$", text)
+    if match:
+        return int(match.group(1))
+    path = Path(text).expanduser()
+    if _STEP_RE.match(path.name) and path.parent.resolve() == run.checkpoints_dir.resolve():
+        return _step_of(path)
+    raise CheckpointError(f"{text!r} is not a checkpoint of run {run.id}.",
+                          "Name one as step-N (`cpt-studio resume RUN --checkpoint step-40`); "
+                          "its checkpoints are the step-N folders in " f"{run.checkpoints_dir}.")
+
+
+def resume_advice(run: RunDir) -> str:
+    """What to do once a failure's cause is gone: resume, from the checkpoint there is (if any)."""
+    checkpoint = latest_checkpoint(run)
+    how = f"resume the run (`cpt-studio resume {run.id}`, or Resume on the History page)"
+    if checkpoint is None:
+        return f"{how}: it has no checkpoint yet, so it starts again from the beginning"
+    return f"{how}: it goes on from {checkpoint.name}"
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -158,7 +272,8 @@ def is_checkpoint(path: str | Path) -> bool:
 def verify_checkpoint(path: str | Path, full: bool = True) -> dict:
     """Check every file against the manifest (size, and sha256 when `full`); returns the manifest."""
     path = Path(path)
-    hint = "Pick an earlier checkpoint (the run keeps the last few) or start a fresh run."
+    hint = ("Use an earlier checkpoint of the run: resume takes the newest intact one by itself, "
+            "`cpt-studio resume RUN --checkpoint step-N` a given one.")
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         files = manifest["files"]
@@ -180,12 +295,16 @@ def verify_checkpoint(path: str | Path, full: bool = True) -> dict:
 
 
 def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None,
-                    restore_rng: bool = True) -> dict:
-    """Verify, then load adapter weights, optimizer/scheduler state and RNG; returns trainer_state."""
+                    restore_rng: bool = True, verify: bool = True) -> dict:
+    """Verify, then load adapter weights, optimizer/scheduler state and RNG; returns trainer_state.
+
+    verify=False skips the sha256 check for a checkpoint `choose_checkpoint` has just checked.
+    """
     from peft import set_peft_model_state_dict
 
     path = Path(path)
-    verify_checkpoint(path)
+    if verify:
+        verify_checkpoint(path)
     hint = "The checkpoint was made with other adapter settings (rank, targets, embeddings) or model."
     adapter = model.active_adapter if isinstance(getattr(model, "active_adapter", None), str) else "default"
     _check_adapter_config(path, model, adapter, hint)
@@ -282,10 +401,4 @@ def _set_rng_state(state: dict) -> None:
         kind, keys, pos, has_gauss, gauss = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
-
-def _free_bytes(path: Path) -> int:
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return 1 << 62
 

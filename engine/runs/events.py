@@ -6,11 +6,15 @@ Each event is a frozen dataclass that round-trips through one JSON line:
     event = from_json(line)          # raises EventError on an unknown type or field
 
 The worker prints them on stdout (`--events jsonl`) and appends them to runs/<id>/events.jsonl.
+Every event carries `pid`, the process that made it (the worker; the GUI for a failure it records
+on behalf of a worker that died silently); events of logs written before pids were recorded read
+back with pid 0, "unknown".
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -31,6 +35,7 @@ def _now() -> float:
 @dataclass(frozen=True)
 class Event:
     time: float = field(default_factory=_now, kw_only=True)
+    pid: int = field(default_factory=os.getpid, kw_only=True)   # the process that made the event
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,6 @@ class RunStarted(Event):
     total_params: int = 0
     resumed_from_step: int = 0
     kernels: bool = False
-    pid: int = 0
     # The run's Plan (engine/train/plan.py, Plan.to_dict()): every decision its `auto` settings
     # led to, each with its reason, and `lines`, their human-readable form. {} in older runs.
     plan: dict = field(default_factory=dict)
@@ -57,7 +61,6 @@ class Phase(Event):
     phase: str                 # one of PHASES
     progress: float = 0.0      # 0..1, or -1 when unknown
     message: str = ""
-    pid: int = 0               # the worker's pid on the first event, so a loading run shows as running
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ def from_dict(data: dict) -> Event:
     if version != EVENTS_VERSION:
         raise EventError(f"event version {version!r} is not {EVENTS_VERSION}")
     cls = EVENT_TYPES[kind]
+    data.setdefault("pid", 0)      # a line written before events carried pids: the writer is unknown
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:

@@ -2,7 +2,10 @@
 
 The run folders are the truth: `refresh()` re-reads only the events that were appended since the
 last refresh, drops rows of deleted folders, and a missing, corrupt or outdated index.sqlite is
-rebuilt silently.
+rebuilt silently. An events.jsonl that was replaced rather than appended to (a folder restored from
+a backup, a file copied over) is read anew: it is known by its inode, or by a changed head or end
+of the part already read. A damaged line is skipped and counted (`RunSummary.skipped_lines`); the
+status and steps come from the valid events around it.
 
     index = RunIndex(workspace)
     for run in index.list_runs():               # refreshes first
@@ -19,23 +22,27 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
+from ..errors import DiskFullError, WorkspaceError
 from .events import EvalMetrics, RunFinished, RunStarted, StepMetrics
-from ..errors import WorkspaceError
-from .store import EventBatch, Lifecycle, RunDir, Workspace
+from .store import Lifecycle, RunDir, Workspace
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = tuple(f.name for f in dataclasses.fields(StepMetrics) if f.name != "step")
+METRIC_COLUMNS = tuple(f.name for f in dataclasses.fields(StepMetrics) if f.name not in ("step", "pid"))
 EVAL_COLUMNS = ("eval_loss", "perplexity", "time")
 _SUMMARY_COLUMNS = ("id", "name", "status", "model", "corpus", "created", "steps", "final_loss",
-                    "eval_loss", "updated")
+                    "eval_loss", "updated", "skipped_lines")
+_RUN_COLUMNS = (*_SUMMARY_COLUMNS, "events_mtime_ns", "events_size", "events_ino", "events_ctime_ns",
+                "events_offset", "events_line", "events_sig", "config_mtime_ns", "has_events", "pid",
+                "started_at", "end_status", "finish_loss", "last_loss")
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE runs (id TEXT PRIMARY KEY, name TEXT, status TEXT, model TEXT, corpus TEXT,
-    created REAL, steps INTEGER, final_loss REAL, eval_loss REAL, updated REAL,
-    events_mtime_ns INTEGER, events_size INTEGER, events_offset INTEGER, events_line INTEGER,
+    created REAL, steps INTEGER, final_loss REAL, eval_loss REAL, updated REAL, skipped_lines INTEGER,
+    events_mtime_ns INTEGER, events_size INTEGER, events_ino INTEGER, events_ctime_ns INTEGER,
+    events_offset INTEGER, events_line INTEGER, events_sig TEXT,
     config_mtime_ns INTEGER, has_events INTEGER, pid INTEGER, started_at REAL, end_status TEXT,
     finish_loss REAL, last_loss REAL);
 CREATE TABLE metrics (run_id TEXT, step INTEGER, {", ".join(f"{c} REAL" for c in METRIC_COLUMNS)},
@@ -60,6 +67,7 @@ class RunSummary:
     final_loss: Optional[float]
     eval_loss: Optional[float]
     updated: float
+    skipped_lines: int = 0      # damaged lines of events.jsonl left out (each logged as a warning)
 
 
 def describe_corpus(train_files: list) -> str:
@@ -94,8 +102,8 @@ class RunIndex:
                 break
             except sqlite3.DatabaseError as exc:
                 conn.close()
-                if attempt == 2:
-                    raise
+                if attempt == 2 or _disk_full(exc):
+                    raise self._unusable(exc) from None
                 log.info("rebuilding the run index %s (%s)", self.path, exc)
                 self._delete_files()
         try:
@@ -123,17 +131,35 @@ class RunIndex:
         try:
             self._refresh(run_id)
         except sqlite3.DatabaseError as exc:
+            if _disk_full(exc):
+                raise self._unusable(exc) from None
             # Damage found mid-query (not at open): start from scratch, the folders hold everything.
             log.info("run index %s is damaged (%s); rebuilding", self.path, exc)
             self._delete_files()
-            self._refresh(run_id)
+            try:
+                self._refresh(run_id)
+            except sqlite3.DatabaseError as again:
+                raise self._unusable(again) from None
+
+    def _unusable(self, exc: sqlite3.DatabaseError) -> WorkspaceError:
+        """The error a user sees when the index cannot be written (the runs themselves are safe)."""
+        folder = self.path.parent
+        if _disk_full(exc):
+            return DiskFullError(f"Could not update the run index {self.path}: the disk is full "
+                                 f"({exc}).", f"Free space at {folder}; the runs themselves are "
+                                 "safe, and the list comes back once there is space.")
+        return WorkspaceError(f"Could not update the run index {self.path}: {exc}.",
+                              f"Check that {folder} is writable and has free space; the runs "
+                              "themselves are safe. Deleting index.sqlite is harmless: it is "
+                              "rebuilt from the run folders.")
 
     def _refresh(self, run_id: str | None) -> None:
         runs = {r.id: r for r in self.workspace.list_runs()}
         if run_id is not None:
             runs = {run_id: runs[run_id]} if run_id in runs else {}
         with self._connect() as conn:
-            cols = ("id", "events_mtime_ns", "events_size", "config_mtime_ns", "status", "events_offset")
+            cols = ("id", "events_mtime_ns", "events_size", "events_ino", "events_ctime_ns",
+                    "config_mtime_ns", "status", "events_offset", "events_sig")
             where, args = ("WHERE id = ?", (run_id,)) if run_id is not None else ("", ())
             query = f"SELECT {', '.join(cols)} FROM runs {where}"
             known = {row[0]: row for row in conn.execute(query, args)}
@@ -142,11 +168,12 @@ class RunIndex:
             for rid, run in runs.items():
                 ev, cfg = _stat(run.events_path), _stat(run.config_path)
                 row = known.get(rid)
-                if row and row[1:4] == (ev[0], ev[1], cfg[0]) and row[4] != "running":
+                if row and row[1:6] == (*ev, cfg.mtime_ns) and row[6] != "running":
                     continue        # unchanged; a "running" run is rechecked: its worker may have died
-                if row and ev[1] < row[5]:
-                    # Shorter than what was read: the file was replaced, read it anew. (Dropping an
-                    # unfinished last line only cuts bytes beyond the read offset.)
+                if row and not _still_appended(run.events_path, ev, read_ino=row[3], offset=row[7],
+                                               signature=row[8]):
+                    log.info("run index: %s was replaced, not appended to; reading it anew",
+                             run.events_path)
                     self._drop(conn, rid)
                     row = None
                 self._update(conn, run, ev, cfg, fresh=row is None)
@@ -155,21 +182,16 @@ class RunIndex:
         for table, key in (("runs", "id"), ("metrics", "run_id"), ("eval", "run_id")):
             conn.execute(f"DELETE FROM {table} WHERE {key} = ?", (run_id,))
 
-    def _update(self, conn, run: RunDir, ev: tuple, cfg: tuple, fresh: bool) -> None:
+    def _update(self, conn, run: RunDir, ev: _FileStat, cfg: _FileStat, fresh: bool) -> None:
         prev = None if fresh else conn.execute(
             "SELECT events_offset, events_line, has_events, pid, started_at, end_status, steps,"
-            " finish_loss, last_loss FROM runs WHERE id = ?", (run.id,)).fetchone()
-        offset, line, has_events, pid, started_at, end, steps, finish_loss, last_loss = (
-            prev or (0, 1, 0, 0, 0.0, None, 0, None, None))
+            " finish_loss, last_loss, skipped_lines FROM runs WHERE id = ?", (run.id,)).fetchone()
+        offset, line, has_events, pid, started_at, end, steps, finish_loss, last_loss, skipped = (
+            prev or (0, 1, 0, 0, 0.0, None, 0, None, None, 0))
         life = Lifecycle(bool(has_events), pid or 0, started_at or 0.0, end)
-        damaged = False
-        try:
-            batch = run.read_events_since(offset, line)
-        except WorkspaceError as exc:
-            # One damaged log must not hide the other runs; the run shows as failed, and opening
-            # it reports the bad line.
-            log.warning("run index: %s", exc.message)
-            batch, damaged = EventBatch([], offset, line), True
+        # A damaged line is skipped (and logged) by the reader: the events around it still count.
+        batch = run.read_events_since(offset, line)
+        skipped = (skipped or 0) + len(batch.skipped)
         metric_rows, eval_rows = [], []
         for event in batch.events:
             life.feed(event)
@@ -195,14 +217,21 @@ class RunIndex:
         config = run.raw_config()
         model = config.get("model") if isinstance(config.get("model"), dict) else {}
         data = config.get("data") if isinstance(config.get("data"), dict) else {}
-        conn.execute(
-            "INSERT OR REPLACE INTO runs VALUES (" + ", ".join("?" * 21) + ")",
-            (run.id, str(config.get("name") or run.id), "failed" if damaged else life.status(),
-             str(model.get("source") or "default"), describe_corpus(data.get("train_files")),
-             run.created_time(), steps, finish_loss if finish_loss is not None else last_loss,
-             row[0] if row else None, max(ev[0], cfg[0]) / 1e9,
-             ev[0], ev[1], batch.next_offset, batch.next_line, cfg[0], int(life.has_events),
-             life.pid, life.started_at, life.end, finish_loss, last_loss))
+        values = dict(
+            id=run.id, name=str(config.get("name") or run.id), status=life.status(),
+            model=str(model.get("source") or "default"), corpus=describe_corpus(data.get("train_files")),
+            created=run.created_time(), steps=steps,
+            final_loss=finish_loss if finish_loss is not None else last_loss,
+            eval_loss=row[0] if row else None, updated=max(ev.mtime_ns, cfg.mtime_ns) / 1e9,
+            skipped_lines=skipped, events_mtime_ns=ev.mtime_ns, events_size=ev.size,
+            events_ino=ev.ino, events_ctime_ns=ev.ctime_ns, events_offset=batch.next_offset,
+            events_line=batch.next_line, events_sig=_signature(run.events_path, batch.next_offset),
+            config_mtime_ns=cfg.mtime_ns, has_events=int(life.has_events), pid=life.pid,
+            started_at=life.started_at, end_status=life.end, finish_loss=finish_loss,
+            last_loss=last_loss)
+        conn.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_RUN_COLUMNS)}) "
+                     f"VALUES ({', '.join('?' * len(_RUN_COLUMNS))})",
+                     tuple(values[c] for c in _RUN_COLUMNS))
 
     # ---- queries --------------------------------------------------------------------------------
     def list_runs(self, refresh: bool = True) -> list[RunSummary]:
@@ -233,10 +262,49 @@ class RunIndex:
             return [dict(zip(("step", "eval_set", *EVAL_COLUMNS), row)) for row in rows]
 
 
-def _stat(path: Path) -> tuple[int, int]:
-    """(mtime_ns, size) of a file, (0, 0) when it does not exist."""
+class _FileStat(NamedTuple):
+    """What tells a file's versions apart without reading it; all 0 when it does not exist."""
+    mtime_ns: int
+    size: int
+    ino: int
+    ctime_ns: int       # POSIX: changes on every write, and no copy tool can set it back
+
+
+def _stat(path: Path) -> _FileStat:
     try:
         st = path.stat()
     except FileNotFoundError:
-        return (0, 0)
-    return (st.st_mtime_ns, st.st_size)
+        return _FileStat(0, 0, 0, 0)
+    return _FileStat(st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+
+
+_SIGNATURE_BYTES = 4096
+
+
+def _signature(path: Path, end: int) -> str:
+    """A hash of the first and the last 4 KiB of the bytes [0, end) of a file: appending to the
+    file never changes it; replacing the file by other content almost always does."""
+    digest = hashlib.sha256(str(end).encode())
+    try:
+        with open(path, "rb") as fh:
+            digest.update(fh.read(min(end, _SIGNATURE_BYTES)))
+            tail_start = max(_SIGNATURE_BYTES, end - _SIGNATURE_BYTES)
+            if tail_start < end:
+                fh.seek(tail_start)
+                digest.update(fh.read(end - tail_start))
+    except FileNotFoundError:
+        pass
+    return digest.hexdigest()[:32]
+
+
+def _still_appended(path: Path, now: _FileStat, read_ino: int, offset: int, signature: str) -> bool:
+    """Whether `path` is the file the index read up to `offset`, possibly with lines appended since.
+    (Dropping an unfinished last line only cuts bytes beyond the read offset.)"""
+    if now.size < offset or (read_ino and now.ino != read_ino):
+        return False
+    return _signature(path, offset) == signature
+
+
+def _disk_full(exc: sqlite3.DatabaseError) -> bool:
+    """SQLite's words for a full disk ("database or disk is full", SQLITE_FULL)."""
+    return "full" in str(exc).lower()

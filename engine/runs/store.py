@@ -83,10 +83,12 @@ def slugify(name: str) -> str:
 
 
 class EventBatch(NamedTuple):
-    """Events read from `offset`; `next_offset`/`next_line` say where the next read starts."""
+    """Events read from `offset`; `next_offset`/`next_line` say where the next read starts;
+    `skipped` lists the damaged lines that were left out, as (line number, reason)."""
     events: list
     next_offset: int
     next_line: int
+    skipped: tuple = ()
 
 
 @dataclass
@@ -99,12 +101,14 @@ class Lifecycle:
 
     def feed(self, event: Event) -> None:
         self.has_events = True
-        pid = getattr(event, "pid", 0)
-        if isinstance(event, RunStarted) or (pid and pid != self.pid):
-            # A resume (or any event from another worker process) starts a new life in the same file;
-            # today only RunStarted carries a pid.
-            self.pid, self.started_at, self.end = pid, event.time, None
-        elif isinstance(event, RunFinished):
+        ends = isinstance(event, (RunFinished, RunFailed))
+        if isinstance(event, RunStarted) or (event.pid and event.pid != self.pid and not ends):
+            # Each worker (the first, then each resume) starts a new life in the same file, from
+            # its first event (a loading Phase comes before RunStarted). An end written by another
+            # process (the GUI recording why its worker died) closes the current life instead;
+            # pid 0 (a line from before events carried pids) is no one new.
+            self.pid, self.started_at, self.end = event.pid, event.time, None
+        if isinstance(event, RunFinished):
             self.end = "stopped" if event.stopped_early else "finished"
         elif isinstance(event, RunFailed):
             self.end = "failed"
@@ -193,29 +197,36 @@ class RunDir:
         fh.truncate(keep)
 
     def read_events(self) -> list[Event]:
-        """All complete events; an unfinished last line (writer killed or still writing) is skipped."""
+        """All valid events. An unfinished last line (writer killed or still writing) is left for
+        later; a damaged line elsewhere is skipped with a warning (see read_events_since)."""
         return self.read_events_since(0).events
 
     def read_events_since(self, offset: int = 0, line: int = 1) -> EventBatch:
-        """Complete events from byte `offset` (which is line number `line`) to the end of the file."""
+        """Complete events from byte `offset` (which is line number `line`) to the end of the file.
+
+        A line that is not a valid event (a stray edit, bytes of a crashed write, a type from a
+        newer version) is skipped, logged as a warning and listed in `skipped`: one bad line must
+        not hide the events around it, nor the run's status and steps.
+        """
         try:
             with open(self.events_path, "rb") as fh:
                 fh.seek(offset)
                 data = fh.read()
         except FileNotFoundError:
             return EventBatch([], offset, line)
-        events = []
+        events, skipped = [], []
         complete = data[: data.rfind(b"\n") + 1]
         for raw in complete.split(b"\n")[:-1]:
             if raw.strip():
                 try:
                     events.append(from_json(raw.decode("utf-8")))
                 except (EventError, UnicodeDecodeError) as exc:
-                    raise WorkspaceError(
-                        f"{self.events_path}, line {line}: not a valid event ({exc}).",
-                        "The event log was edited or damaged; fix or delete that line.") from None
+                    skipped.append((line, str(exc)))
+                    log.warning("%s, line %d: not a valid event (%s); skipped, the other events are "
+                                "read as usual. Delete that line to silence this warning.",
+                                self.events_path, line, exc)
             line += 1
-        return EventBatch(events, offset + len(complete), line)
+        return EventBatch(events, offset + len(complete), line, tuple(skipped))
 
     def lifecycle(self) -> Lifecycle:
         state = Lifecycle()

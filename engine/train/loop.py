@@ -1,11 +1,14 @@
 """The one training loop, shared by the CLI, the GUI's worker and torchrun.
 
     result = run_training(config, workspace, run_dir, sink, control, resume=False)
+    result = run_training(config, workspace, run_dir, sink, control, resume=True,
+                          checkpoint="step-40")             # a given checkpoint, else the newest intact
 
 Every step emits StepMetrics; evals, samples and checkpoints happen on their intervals; the control
 channel can stop, stop-and-save or save-now between steps. Errors become a RunFailed event with a
-hint and an exit code (2 = bad input, 1 = crash or out of memory); the checkpoints already written
-stay.
+hint and an exit code (2 = bad input or a full disk, 1 = crash or out of memory); the checkpoints
+already written stay. A resume chooses its checkpoint (by content, `choose_checkpoint`) before
+loading anything.
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ from typing import Optional
 import torch
 
 from ..atomic import publish_dir_atomic, write_text_atomic
-from ..runs.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..runs.checkpoints import (CheckpointChoice, choose_checkpoint, list_checkpoints, load_checkpoint,
+                                resume_advice, save_checkpoint)
 from ..runs.control import ControlChannel, StopNow
-from ..errors import CptError, exception_text
+from ..errors import CptError, exception_text, write_error
 from ..model.adapters import EMBEDDINGS_GROUP, LORA_GROUP
 from .evaluation import evaluate_blocks, generate_samples
 from ..runs.events import (CheckpointSaved, EvalMetrics, Log, Phase, RunFailed, RunFinished, RunStarted,
@@ -45,34 +49,54 @@ class TrainResult:
 
 
 def run_training(config, workspace, run_dir, sink, control: Optional[ControlChannel] = None,
-                 resume: bool = False) -> TrainResult:
-    """Train one run to its end (or a stop command); never raises for a user-facing failure."""
+                 resume: bool = False, checkpoint: str | None = None) -> TrainResult:
+    """Train one run to its end (or a stop command); never raises for a user-facing failure.
+
+    resume: go on from a checkpoint of `run_dir`: `checkpoint` ("step-N") or, when None, the newest
+    intact one (damaged newer ones are passed over with a warning).
+    """
     control = control or ControlChannel()
     step = 0
     loop = TrainingLoop(config, workspace, run_dir, sink, control)
     try:
-        return loop.run(resume)
+        return loop.run(resume, checkpoint)
     except StopNow as exc:   # a second stop signal, or one before training began: no save
         step = loop.stopped_at(resume)
-        sink.emit(Log(level="warning", message=f"{exc.name}: stopped at once at step {step}, without "
-                      "saving; the checkpoints written before are kept."))
-        sink.emit(RunFinished(step=step, final_loss=loop.last_loss, stopped_early=True))
+        _report_end(sink, Log(level="warning", message=f"{exc.name}: stopped at once at step {step}, "
+                              "without saving; the checkpoints written before are kept."))
+        _report_end(sink, RunFinished(step=step, final_loss=loop.last_loss, stopped_early=True))
         return TrainResult("stopped", step, loop.last_loss, "", exc.exit_code)
     except CptError as exc:
         step = getattr(exc, "step", 0)
-        sink.emit(RunFailed(kind=exc.kind, message=exc.message, hint=exc.hint, step=step))
+        _report_end(sink, RunFailed(kind=exc.kind, message=exc.message, hint=exc.hint, step=step))
         return TrainResult("failed", step, None, "", 2)
     except torch.OutOfMemoryError as exc:
-        sink.emit(RunFailed(kind="oom", message=f"Out of GPU memory: {str(exc).splitlines()[0]}",
-                            hint="Lower batch_size or seq_len, turn on gradient checkpointing, or "
-                                 "load the base in 4bit. Checkpoints written so far are kept."))
+        _report_end(sink, RunFailed(kind="oom", message=f"Out of GPU memory: {str(exc).splitlines()[0]}",
+                                    hint="Lower batch_size or seq_len, turn on gradient checkpointing, or "
+                                         "load the base in 4bit. Checkpoints written so far are kept."))
         return TrainResult("failed", step, None, "", 1)
     except Exception as exc:  # a crash: report it, keep the checkpoints, let the caller exit 1
         log.error("training crashed:\n%s", traceback.format_exc())
-        sink.emit(RunFailed(kind="crash", message=exception_text(exc),
-                            hint="See the log for the traceback; resume from the last checkpoint "
-                                 "once the cause is fixed."))
+        _report_end(sink, RunFailed(kind="crash", message=exception_text(exc),
+                                    hint=f"See the log for the traceback; once the cause is fixed, "
+                                         f"{_advice(run_dir)}."))
         return TrainResult("failed", step, None, "", 1)
+
+
+def _report_end(sink, event) -> None:
+    """Emit the run's last events; a sink that cannot take them (a full disk under the run
+    folder) is logged, and the others still got them (FanOut)."""
+    try:
+        sink.emit(event)
+    except CptError as exc:
+        log.warning("could not record %s: %s", type(event).__name__, exc.message)
+
+
+def _advice(run_dir) -> str:
+    try:
+        return resume_advice(run_dir)
+    except OSError:             # the run folder itself is unreadable
+        return "resume the run"
 
 
 def first_step_note(kernel_summary: list, device: torch.device) -> str:
@@ -95,24 +119,30 @@ class TrainingLoop:
         self.sink = sink
         self.control = control
         self.s: Optional[TrainingSetup] = None
+        self.choice: Optional[CheckpointChoice] = None    # a resume's checkpoint
         self.step = 0
         self.tokens_seen = 0
         self.last_loss: Optional[float] = None
 
     # ---- the run ---------------------------------------------------------------------------
-    def run(self, resume: bool) -> TrainResult:
+    def run(self, resume: bool, checkpoint: str | None = None) -> TrainResult:
+        if resume:                  # before loading anything: a missing or damaged one fails fast
+            self.choice = choose_checkpoint(self.run_dir, checkpoint)
+            for note in self.choice.notes():
+                self._log(note, "warning")
         s = self.s = setup_training(self.cfg, self.workspace, self.sink.emit)
         self.step = s.base_step
         resumed_from = 0
         if resume:
-            resumed_from = self._restore_latest()
+            resumed_from = self._restore(self.choice)
+            self._record_config()
         monitor = SystemMonitor(s.device)
         self.sink.emit(RunStarted(
             run_id=self.run_dir.id, name=self.cfg.name, config=self.cfg.to_dict(),
             model=s.model_name, device=_device_name(s.device), total_steps=s.total_steps,
             param_groups=s.param_groups, trainable_params=s.trainable_params,
             total_params=s.total_params, resumed_from_step=resumed_from,
-            kernels=bool(s.kernel_summary), plan=s.plan.to_dict(), pid=os.getpid()))
+            kernels=bool(s.kernel_summary), plan=s.plan.to_dict()))
         self._log("plan:\n  " + "\n  ".join(s.plan.lines()))
         self._log(f"parameter groups: {s.param_groups}")
         self._log(f"data: {s.data_stats}")
@@ -253,34 +283,59 @@ class TrainingLoop:
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         self.sink.emit(Phase(phase="saving", progress=-1, message="final adapter"))
         try:
+            shutil.rmtree(tmp, ignore_errors=True)   # an earlier process of this pid died here
             self.s.model.save_pretrained(str(tmp))
             write_text_atomic(tmp / TRAINER_STATE_FILE, json.dumps(self._trainer_state(), indent=1))
             publish_dir_atomic(tmp, final)
-        except BaseException:      # a second stop signal, a full disk: no half adapter left behind
+        except BaseException as exc:   # a second stop signal, a full disk: no half adapter left
+            error = write_error(exc, "the final adapter", final.parent,
+                                lambda: _advice(self.run_dir))   # judged while tmp still fills the disk
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            if error is None:
+                raise
+            raise error from exc
         self.sink.emit(CheckpointSaved(step=self.step, path=str(final), kind="adapter"))
         return final
 
     def stopped_at(self, resume: bool) -> int:
-        """The step the run stands at; stopped while a resume was loading, its latest checkpoint's."""
+        """The step the run stands at; stopped while a resume was loading, its checkpoint's."""
         if self.step or not resume:
             return self.step
-        ckpt = latest_checkpoint(self.run_dir)
-        return int(ckpt.name.split("-")[1]) if ckpt is not None else 0
+        return self.choice.step if self.choice is not None else 0
 
-    def _restore_latest(self) -> int:
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
+    def _restore(self, choice: CheckpointChoice) -> int:
+        if choice.path is None:
             self._log("no complete checkpoint yet: starting this run from the beginning", "warning")
             return 0
-        state = load_checkpoint(ckpt, self.s.model, self.s.optimizer, self.s.scheduler)
+        # choose_checkpoint has just checked every file's sha256 (under the run lock).
+        state = load_checkpoint(choice.path, self.s.model, self.s.optimizer, self.s.scheduler,
+                                verify=False)
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.last_loss = state.get("last_loss")
         self.s.sampler.load_state_dict(state["sampler"])
-        self._log(f"resumed from {ckpt.name}")
+        self._log(f"resumed from {choice.path.name}")
+        later = [p.name for p in list_checkpoints(self.run_dir) if _step(p) > choice.step]
+        if choice.explicit and later:
+            self._log(f"resuming from {choice.path.name} as asked: the later checkpoints "
+                      f"({', '.join(later)}) are deleted when this run saves its next one", "warning")
         return self.step
+
+    def _record_config(self) -> None:
+        """A resume's settings (a new max_steps) into config.yaml, once it is sure to train."""
+        path = self.run_dir.config_path
+        try:
+            if self.run_dir.load_config().to_dict() == self.cfg.to_dict():
+                return
+        except CptError:            # unreadable: written afresh below
+            pass
+        try:
+            self.cfg.save(path)
+        except OSError as exc:
+            error = write_error(exc, path.name, path.parent, "resume again")
+            if error is None:
+                raise
+            raise error from exc
 
     # ---- helpers -----------------------------------------------------------------------------
     def _progress(self) -> float:
@@ -290,6 +345,10 @@ class TrainingLoop:
     def _log(self, message: str, level: str = "info") -> None:
         getattr(log, level)(message)
         self.sink.emit(Log(level=level, message=message))
+
+
+def _step(checkpoint) -> int:
+    return int(checkpoint.name.split("-")[1])
 
 
 def _device_name(device: torch.device) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +88,7 @@ def setup_training(cfg: RunConfig, workspace, emit: Callable, device: Optional[t
     device = device or pick_device()
     seed_everything(cfg.training.seed)
 
-    emit(Phase(phase="loading_model", progress=0.0, message="Resolving the model", pid=os.getpid()))
+    emit(Phase(phase="loading_model", progress=0.0, message="Resolving the model"))
     resolved = resolve_model_source(cfg.model.source, workspace.models_dir)
     init_from = cfg.init_from or resolved.adapter_path
     info = _model_info(resolved, cfg)

@@ -16,7 +16,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QInp
                                QWidget)
 
 from cpt_studio.engine.errors import CptError
-from cpt_studio.engine.model.export import export_merged
+from cpt_studio.engine.model.export import export_merged, resolve_export_source
 from cpt_studio.engine.runs.index import RunIndex
 
 from ..background_tasks import BackgroundTasks
@@ -157,6 +157,8 @@ class RunsPage(QWidget):
                 if col in NUMBER_COLUMNS:
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.table.setItem(row, col, item)
+            if r.skipped_lines:
+                cells[0].setToolTip(f"{cells[0].toolTip()}\n{_skipped_note(r.skipped_lines)}")
         self.table.setSortingEnabled(True)
         for col in (0, 2, 3, 7):
             self.table.resizeColumnToContents(col)
@@ -302,6 +304,11 @@ class RunsPage(QWidget):
         if not run_id or self.tasks.is_busy("export"):
             return
         run = self.state.workspace.get_run(run_id)
+        try:
+            resolve_export_source(run.path, self.state.workspace)   # something to export at all?
+        except CptError as exc:
+            self._fail(f"Cannot export {run.name}", exc)
+            return
         dialog = ExportDialog(run.path, run.name, self)
         if dialog.exec() != ExportDialog.DialogCode.Accepted:
             return
@@ -361,6 +368,12 @@ def model_label(source: str) -> str:
 
 def _loss_item(value) -> _Item:
     return _Item("–" if value is None else f"{value:.4f}", value)
+
+
+def _skipped_note(count: int) -> str:
+    lines = "1 damaged line" if count == 1 else f"{count} damaged lines"
+    return (f"events.jsonl has {lines}: skipped, the status and steps come from the other events. "
+            "The warning in the log names each line; delete those lines to silence it.")
 
 
 if __name__ == "__main__":      # python -P -m cpt_studio.studio.pages.runs_page [WORKSPACE]

@@ -4,12 +4,11 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 from pathlib import Path
 
-from cpt_studio.engine.runs.events import CheckpointSaved, RunFailed, RunFinished, StepMetrics, from_json
+from cpt_studio.engine.runs.events import RunFailed, RunFinished, StepMetrics, from_json
 from cpt_studio.engine.runs.runner import cli_argv
 
 CLI = cli_argv()   # what the GUI starts: `cpt-studio ...` whatever the working directory
@@ -75,21 +74,12 @@ def test_human_progress_output(tmp_path, tiny_config):
     assert "Adapter:" in out.stdout
 
 
-def test_sigkill_then_resume_finishes_from_last_checkpoint(tmp_path, tiny_config):
+def test_sigkill_then_resume_finishes_from_last_checkpoint(tmp_path, tiny_config, train_until_killed):
     cfg_path = tmp_path / "run.yaml"
     tiny_config(max_steps=12).save(cfg_path)
     ws = str(tmp_path / "ws")
-    proc = subprocess.Popen(CLI + ["train", str(cfg_path), "--workspace", ws, "--events", "jsonl"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    run_id = None
-    for line in proc.stdout:
-        event = from_json(line)
-        run_id = run_id or getattr(event, "run_id", None)
-        if isinstance(event, CheckpointSaved) and event.step == 4:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    run_id, killed = train_until_killed(cfg_path, ws, at_step=4)
+    assert killed.returncode == -signal.SIGKILL
     listing = json.loads(_run(["runs", "--json", "--workspace", ws]).stdout)
     assert listing[0]["status"] == "interrupted"
 

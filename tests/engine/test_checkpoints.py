@@ -1,6 +1,7 @@
 """Checkpoints: exact save/restore, keep-last, and damaged or half-written checkpoints never resumed."""
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
@@ -11,12 +12,15 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from peft import peft_model
+from safetensors import SafetensorError
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cpt_studio.engine.runs.checkpoints import (is_checkpoint, latest_checkpoint, list_checkpoints,
-                                           load_checkpoint, save_checkpoint, verify_checkpoint)
+from cpt_studio.engine.runs.checkpoints import (choose_checkpoint, clean_temp_folders, is_checkpoint,
+                                           latest_checkpoint, list_checkpoints, load_checkpoint,
+                                           save_checkpoint, verify_checkpoint)
 from cpt_studio.engine.config import RunConfig
-from cpt_studio.engine.errors import CheckpointError
+from cpt_studio.engine.errors import CheckpointError, DiskFullError
 from cpt_studio.engine.runs.store import Workspace
 
 
@@ -188,10 +192,96 @@ def test_failed_write_leaves_no_trace_and_says_why(run, trained, monkeypatch):
     save(run, trained, 1)
 
     def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match="No space left on device") as info:
+    with pytest.raises(DiskFullError, match="checkpoint step-2 .*no space left on device") as info:
         save(run, trained, 2)
-    assert "disk space" in info.value.hint
+    assert f"Free space at {run.checkpoints_dir}" in info.value.hint
+    assert "it goes on from step-1" in info.value.hint
     assert [p.name for p in run.checkpoints_dir.iterdir()] == ["step-1"]
+
+
+def _safetensors_disk_full(*args, **kwargs):
+    """What safetensors raises when the disk fills while it writes (its text, verbatim)."""
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_full_disk_while_the_weights_are_written_is_a_clean_error(run, trained, monkeypatch):
+    """peft writes the weights through safetensors, whose error is no OSError: it used to escape
+    as a crash. Now: our error naming the folder, the temp folder gone, step-1 intact."""
+    first = save(run, trained, 1)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    monkeypatch.setattr(peft_model, "safe_save_file", _safetensors_disk_full)
+    with pytest.raises(DiskFullError) as info:
+        save(run, trained, 2)
+    assert str(run.checkpoints_dir) in info.value.message
+    assert info.value.kind == "disk_full" and "goes on from step-1" in info.value.hint
+    assert [p.name for p in run.checkpoints_dir.iterdir()] == ["step-1"]
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert choose_checkpoint(run).path == first
+
+
+def test_a_full_disk_at_the_first_checkpoint_never_speaks_of_a_last_one(run, trained, monkeypatch):
+    monkeypatch.setattr(peft_model, "safe_save_file", _safetensors_disk_full)
+    with pytest.raises(DiskFullError) as info:
+        save(run, trained, 1)
+    assert "no checkpoint yet, so it starts again from the beginning" in info.value.hint
+    assert "last checkpoint" not in info.value.hint and "goes on from" not in info.value.hint
+    assert list(run.checkpoints_dir.iterdir()) == []
+
+
+def _flip_a_byte(path):
+    """Damage a file without changing its size: only its sha256 can tell."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_resume_chooses_by_content_and_says_what_it_passed_over(run, trained):
+    first, second = save(run, trained, 1), save(run, trained, 2)
+    _flip_a_byte(second / "adapter_model.safetensors")
+    assert latest_checkpoint(run) == second          # the quick listing compares sizes only
+    choice = choose_checkpoint(run)
+    assert choice.path == first and choice.step == 1
+    assert [name for name, _ in choice.skipped] == ["step-2"]
+    notes = choice.notes()
+    assert notes[0].startswith("Checkpoint step-2 is damaged: ")
+    assert "adapter_model.safetensors is corrupt" in notes[0]
+    assert notes[-1] == "Resuming from step-1 instead, the newest intact checkpoint."
+    assert choose_checkpoint(run, None).notes() == notes
+    assert choose_checkpoint(Workspace(run.path.parent.parent).create_run(RunConfig(name="new"))).path is None
+
+
+def test_an_explicit_checkpoint_is_taken_or_refused_naming_the_others(run, trained):
+    first, second, third = (save(run, trained, step) for step in (1, 2, 3))
+    for wanted in ("step-2", "2", 2, str(second)):
+        choice = choose_checkpoint(run, wanted)
+        assert choice.path == second and choice.explicit and choice.notes() == []
+    with pytest.raises(CheckpointError, match="has no checkpoint step-7") as info:
+        choose_checkpoint(run, "step-7")
+    assert "step-1, step-2, step-3" in info.value.hint and "--checkpoint step-3" in info.value.hint
+    _flip_a_byte(third / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="step-3 .* is damaged: .*optimizer.pt is corrupt") as info:
+        choose_checkpoint(run, "step-3")
+    assert "step-1, step-2." in info.value.hint and "step-3" not in info.value.hint
+    with pytest.raises(CheckpointError, match="not a checkpoint of run"):
+        choose_checkpoint(run, str(run.path.parent / "other" / "checkpoints" / "step-2"))
+
+
+def test_when_every_checkpoint_is_damaged_resume_refuses_listing_them(run, trained):
+    for path in (save(run, trained, 1), save(run, trained, 2)):
+        _flip_a_byte(path / "rng.pt")
+    with pytest.raises(CheckpointError, match="No checkpoint of run .* is intact: step-2: .*; step-1: "):
+        choose_checkpoint(run)
+
+
+def test_a_replace_killed_between_its_renames_gets_its_checkpoint_back(run, trained):
+    """publish_dir_atomic moves step-N aside as .step-N.old before the new one takes its name; a
+    writer killed in between left the only copy there. The next writer puts it back."""
+    path = save(run, trained, 1)
+    old = run.checkpoints_dir / ".step-1.old"
+    path.rename(old)
+    assert latest_checkpoint(run) is None and old.exists()   # a reader leaves it alone
+    clean_temp_folders(run.checkpoints_dir, writer=True)
+    assert choose_checkpoint(run).path == path and not old.exists()

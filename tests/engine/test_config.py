@@ -50,7 +50,7 @@ def test_unreadable_yaml_names_the_file(tmp_path):
     path.write_text("training: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml"):
         RunConfig.load(path)
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="not found"):
         RunConfig.load(tmp_path / "missing.yaml")
 
 

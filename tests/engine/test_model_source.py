@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +193,29 @@ def test_hub_id_without_network_gives_a_clear_message(monkeypatch, tmp_path):
     with pytest.raises(ModelSourceError) as err:
         resolve_model_source("some-org/some-model-that-is-not-cached", tmp_path)
     assert "can't be reached" in err.value.message and "local" in err.value.hint
+
+
+def test_a_full_disk_while_a_gguf_is_converted_says_so_and_leaves_nothing(tmp_path, monkeypatch):
+    """The conversion used to blame the file ("re-download it") when the disk was full."""
+    import transformers
+    from safetensors import SafetensorError
+
+    from cpt_studio.engine.errors import DiskFullError
+
+    class FillsTheDisk:
+        def save_pretrained(self, folder):
+            (Path(folder) / "model.safetensors").write_bytes(b"\0" * 4096)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  "(os error 28)")
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00 a model")
+    models = tmp_path / "models"
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: object())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: FillsTheDisk())
+    with pytest.raises(DiskFullError) as err:
+        resolve_model_source(str(gguf), models)
+    assert f"the model converted from model.gguf in {models}" in err.value.message
+    assert err.value.hint.startswith(f"Free space at {models}, then start again")
+    assert list(models.iterdir()) == []

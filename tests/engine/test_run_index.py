@@ -1,6 +1,7 @@
 """The History index: built from run folders, refreshed incrementally, rebuilt when lost or damaged."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import subprocess
@@ -10,9 +11,10 @@ import time
 import pytest
 
 from cpt_studio.engine.config import RunConfig
-from cpt_studio.engine.runs.events import EvalMetrics, RunFinished, RunStarted, StepMetrics
+from cpt_studio.engine.runs.events import (EvalMetrics, Log, RunFinished, RunStarted, StepMetrics,
+                                           to_json)
 from cpt_studio.engine.runs.index import RunIndex, RunSummary, describe_corpus
-from cpt_studio.engine.runs.store import Workspace
+from cpt_studio.engine.runs.store import RunDir, Workspace
 
 
 def step(n: int, loss: float) -> StepMetrics:
@@ -142,18 +144,118 @@ def test_running_run_becomes_interrupted_when_its_worker_dies(ws):
     assert index.list_runs()[0].status == "interrupted"
 
 
-def test_a_damaged_log_does_not_hide_the_other_runs(ws):
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def killed_then_resumed(ws, name="wiki", garbage=b"not an event\n", index=None):
+    """A worker killed after step 2, a damaged line, then a resume that finishes at step 4; with
+    `index`, it reads the run once while the run is interrupted."""
+    run = ws.create_run(RunConfig(name=name))
+    first = dead_pid()
+    run.append_event(RunStarted(run_id=run.id, name=name, config={}, pid=first))
+    for n in (1, 2):
+        run.append_event(dataclasses.replace(step(n, 3.0 - n / 10), pid=first))
+    if index is not None:
+        assert index.list_runs()[0].status == "interrupted"
+    with open(run.events_path, "ab") as fh:
+        fh.write(garbage)
+    run.append_event(RunStarted(run_id=run.id, name=name, config={}, resumed_from_step=2))
+    for n in (3, 4):
+        run.append_event(step(n, 3.0 - n / 10))
+    run.append_event(RunFinished(step=4, final_loss=2.6))
+    return run
+
+
+@pytest.mark.parametrize("read_before", [False, True], ids=["read-after", "read-while-interrupted"])
+@pytest.mark.parametrize("garbage", [b"not an event\n", b'{"type":"StepMetrics","v":1,"st\x00\n',
+                                     b'{"type":"Future","v":1}\n', b"\xff\xfe\n"],
+                         ids=["text", "torn-write", "unknown-type", "not-utf8"])
+def test_a_damaged_line_is_skipped_and_the_resumed_run_shows_finished(ws, read_before, garbage):
+    index = RunIndex(ws)
     good = finished_run(ws, name="good")
-    bad = finished_run(ws, name="bad")
+    run = killed_then_resumed(ws, garbage=garbage, index=index if read_before else None)
+    rows = {r.name: r for r in index.list_runs()}
+    summary = rows["wiki"]
+    assert (summary.status, summary.steps, summary.final_loss) == ("finished", 4, 2.6)
+    assert summary.skipped_lines == 1
+    assert [m["step"] for m in index.step_metrics(run.id)] == [1, 2, 3, 4]
+    assert (rows["good"].status, rows["good"].skipped_lines) == ("finished", 0)
+    # The count stays as it is on later refreshes (the line is not counted twice) ...
+    run.append_event(Log(level="info", message="after"))
+    assert {r.name: r.skipped_lines for r in index.list_runs()} == {"good": 0, "wiki": 1}
+    # ... and goes back to 0 once the line is removed.
+    lines = run.events_path.read_bytes().splitlines(keepends=True)
+    run.events_path.write_bytes(b"".join(line for line in lines if line != garbage))
+    assert {r.name: r.skipped_lines for r in index.list_runs()} == {"good": 0, "wiki": 0}
+    assert good.status() == "finished"
+
+
+def _write_over(path, data: bytes, *, same_inode: bool, mtime_ns: int | None = None) -> None:
+    if same_inode:                      # `cp backup/events.jsonl run/` writes into the file
+        with open(path, "r+b") as fh:
+            fh.truncate(0)
+            fh.write(data)
+    else:                               # `rsync`, `tar x`, `cp -a` of the folder: a new file
+        tmp = path.with_name("restored.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    if mtime_ns is not None:            # `cp -p` / `rsync -t` keep the backup's times
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+@pytest.mark.parametrize("same_inode", [True, False], ids=["copied-into", "replaced"])
+def test_a_restored_longer_events_file_is_read_anew(ws, same_inode):
+    run = finished_run(ws, losses=(3.0, 2.5, 2.0))
+    index = RunIndex(ws)
+    assert index.list_runs()[0].steps == 3
+    worker = dead_pid()                 # the backup holds another history, of six steps
+    history = [RunStarted(run_id=run.id, name="wiki", config={}, pid=worker)]
+    history += [dataclasses.replace(step(n, loss), pid=worker)
+                for n, loss in enumerate((2.9, 2.7, 2.5, 2.3, 2.1, 1.9), 1)]
+    history.append(RunFinished(step=6, final_loss=1.9, stopped_early=True, pid=worker))
+    restored = "".join(to_json(e) + "\n" for e in history).encode()
+    assert len(restored) > run.events_path.stat().st_size
+    _write_over(run.events_path, restored, same_inode=same_inode)
+    summary = index.list_runs()[0]
+    assert (summary.status, summary.steps, summary.final_loss) == ("stopped", 6, 1.9)
+    assert [m["loss"] for m in index.step_metrics(run.id)] == [2.9, 2.7, 2.5, 2.3, 2.1, 1.9]
+    assert index.eval_metrics(run.id) == []             # the old run's evals are gone too
+
+
+@pytest.mark.parametrize("same_inode", [True, False], ids=["copied-into", "replaced"])
+def test_a_restored_file_of_the_same_size_and_time_is_read_anew(ws, same_inode):
+    run = finished_run(ws, losses=(3.0, 2.5, 2.0))
+    index = RunIndex(ws)
+    assert index.list_runs()[0].final_loss == 2.0
+    before = run.events_path.stat()
+    # The backup differs in one digit of the last loss: same size, and its time set back.
+    data = run.events_path.read_bytes()
+    old_end = b'"final_loss":2.0'
+    assert data.count(old_end) == 1
+    time.sleep(0.05)                    # file times tick coarsely: let the write land on a new tick
+    _write_over(run.events_path, data.replace(old_end, b'"final_loss":1.0'), same_inode=same_inode,
+                mtime_ns=before.st_mtime_ns)
+    after = run.events_path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert index.list_runs()[0].final_loss == 1.0
+
+
+def test_appended_lines_are_read_on_from_where_the_index_stopped(ws, monkeypatch):
+    """Telling a replaced file apart must not cost appends their incremental read."""
+    run = finished_run(ws)
     index = RunIndex(ws)
     index.list_runs()
-    with open(bad.events_path, "ab") as fh:
-        fh.write(b"not an event\n")
-    bad.append_event(step(9, 1.0))
-    rows = {r.name: r.status for r in index.list_runs()}
-    assert rows == {"good": "finished", "bad": "failed"}
-    # Once the bad line is removed, the run reads normally again.
-    lines = bad.events_path.read_bytes().splitlines(keepends=True)
-    bad.events_path.write_bytes(b"".join(line for line in lines if not line.startswith(b"not an")))
-    assert {r.name: r.status for r in index.list_runs()}["bad"] == "finished"
-    assert index.step_metrics(bad.id)[-1]["step"] == 9
+    read_from = []
+    real_read = RunDir.read_events_since
+    monkeypatch.setattr(RunDir, "read_events_since",
+                        lambda self, offset=0, line=1: read_from.append(offset) or real_read(self, offset, line))
+    size = run.events_path.stat().st_size
+    with open(run.events_path, "ab") as fh:    # a writer killed half way through a line ...
+        fh.write(b'{"type":"Log","v":1,"le')
+    index.list_runs()
+    run.append_event(step(4, 1.8))             # ... whose fragment the next one drops
+    assert index.list_runs()[0].steps == 4
+    assert read_from == [size, size]

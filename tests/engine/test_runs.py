@@ -1,6 +1,8 @@
 """The run store: run folders, the events file, status, commands, and names that must not escape."""
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import pytest
 
 from cpt_studio.engine.config import RunConfig
 from cpt_studio.engine.errors import WorkspaceError
-from cpt_studio.engine.runs.events import Log, RunFailed, RunFinished, RunStarted, StepMetrics
+from cpt_studio.engine.runs.events import Log, Phase, RunFailed, RunFinished, RunStarted, StepMetrics
 from cpt_studio.engine.runs.store import (RunDir, Workspace, default_workspace_root, send_command, slugify,
                                     take_command)
 
@@ -19,9 +21,9 @@ def started(pid: int = 0, **kw) -> RunStarted:
     return RunStarted(run_id="r", name="r", config={}, pid=pid, **kw)
 
 
-def step(n: int, loss: float = 2.0) -> StepMetrics:
+def step(n: int, loss: float = 2.0, **kw) -> StepMetrics:
     return StepMetrics(step=n, epoch=0.1, loss=loss, lr=1e-4, embedding_lr=1e-5, grad_norm=1.0,
-                       tokens_seen=100 * n, tokens_per_s=1000.0, step_s=0.1)
+                       tokens_seen=100 * n, tokens_per_s=1000.0, step_s=0.1, **kw)
 
 
 @pytest.fixture
@@ -84,7 +86,7 @@ def test_get_run_by_id_or_path(ws, tmp_path):
 
 def test_rename_duplicate_delete_and_list(ws):
     run = ws.create_run(RunConfig(name="first"))
-    run.append_event(Log(level="info", message="x"))
+    run.append_event(Log(level="info", message="x", pid=dead_pid()))   # a worker that is gone
     ws.rename_run(run.id, "better name")
     assert run.load_config().name == "better name" and run.path.is_dir()
     with pytest.raises(WorkspaceError):
@@ -124,14 +126,25 @@ def test_events_round_trip_and_half_written_last_line_is_tolerated(ws):
     assert len(only_fragment.read_events()) == 1
 
 
-def test_bad_line_in_the_middle_names_file_and_line(ws):
+def test_a_bad_line_in_the_middle_is_skipped_and_reported(ws, caplog):
+    """A stray line (an edit, bytes of a crashed write) costs that line only: the events around it,
+    and the status they give (here: killed, then resumed to the end), stay readable."""
     run = ws.create_run(RunConfig(name="bad"))
-    run.append_event(step(1))
+    killed = dead_pid()
+    run.append_event(started(pid=killed))
+    run.append_event(step(1, pid=killed))
     with open(run.events_path, "ab") as fh:
-        fh.write(b"garbage\n")
-    run.append_event(step(3))
-    with pytest.raises(WorkspaceError, match=r"events.jsonl, line 2"):
-        run.read_events()
+        fh.write(b'{"type":"StepMetrics","v":1,"step":2,"lo\x00\xff\n')
+    run.append_event(started(pid=os.getpid(), resumed_from_step=1))
+    run.append_event(step(2, pid=os.getpid()))
+    run.append_event(RunFinished(step=2, final_loss=1.5))
+    with caplog.at_level(logging.WARNING, logger="cpt_studio.engine.runs.store"):
+        batch = run.read_events_since(0)
+    assert [type(e).__name__ for e in batch.events] == [
+        "RunStarted", "StepMetrics", "RunStarted", "StepMetrics", "RunFinished"]
+    assert [line for line, _reason in batch.skipped] == [3] and batch.next_line == 7
+    assert f"{run.events_path}, line 3: not a valid event" in caplog.text and "skipped" in caplog.text
+    assert run.status() == "finished" and len(run.read_events()) == 5
 
 
 def test_status_follows_the_events(ws):
@@ -149,9 +162,30 @@ def test_status_follows_the_events(ws):
     assert run.status() == "failed"
 
     killed = ws.create_run(RunConfig(name="killed"))
-    killed.append_event(started(pid=dead_pid()))
-    killed.append_event(step(1))
+    worker = dead_pid()
+    killed.append_event(started(pid=worker))
+    killed.append_event(step(1, pid=worker))
     assert killed.status() == "interrupted"
+
+
+def test_every_process_writing_the_run_is_told_apart_by_its_pid(ws):
+    run = ws.create_run(RunConfig(name="lives"))
+    worker = dead_pid()
+    run.append_event(started(pid=worker))
+    run.append_event(step(1, pid=worker))
+    assert run.status() == "interrupted"
+    # The GUI records why its worker died: an end written by another (live) process closes the
+    # worker's life; it does not start a life of the GUI's own.
+    run.append_event(RunFailed(kind="crash", message="worker exited", pid=os.getpid()))
+    assert run.status() == "failed"
+    # A resume loading its model has not sent RunStarted yet; its first event starts a new life.
+    run.append_event(Phase(phase="loading_model", pid=os.getpid()))
+    assert run.status() == "running"
+    # A line from a log written before events carried pids reads as pid 0: no one new.
+    with open(run.events_path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"type": "Log", "v": 1, "time": time.time(), "level": "info",
+                             "message": "old"}) + "\n")
+    assert run.read_events()[-1].pid == 0 and run.status() == "running"
 
 
 def test_reused_pid_is_not_mistaken_for_the_worker(ws):

@@ -163,3 +163,31 @@ def test_a_refused_resume_writes_nothing_into_the_run_another_process_trains(
         finish(qtbot, page)
         assert ended and ended[0][0] == "failed" and "is in use" in ended[0][1]
         assert [type(e) for e in run.read_events()] == [RunStarted]
+
+
+def test_a_resume_that_fails_before_training_leaves_the_run_as_it_was(
+        qtbot, make_page, workspace, tmp_path):
+    """The worker of a resume writes nothing into the run before training starts (a missing or
+    damaged checkpoint ends it there); the studio must not record the failure in the run either,
+    or an interrupted run would be relabelled failed for good."""
+    import subprocess
+    import sys
+
+    from cpt_studio.engine.runs.events import RunFailed, RunStarted, to_json
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = workspace.create_run(RunConfig(name="killed"))
+    run.append_event(RunStarted(run_id=run.id, name="killed", config={}, pid=dead.pid))
+    before = run.events_path.read_bytes()
+    assert run.status() == "interrupted"
+    refusal = tmp_path / "refusal.jsonl"
+    refusal.write_text(to_json(RunFailed(kind="checkpoint", message=f"Run {run.id} has no "
+                                         "checkpoint step-6.", hint="Its checkpoints: step-4.")) + "\n")
+    page = make_page(refusal, "--exit-code", 2)
+    ended = []
+    page.controller.run_ended.connect(lambda status, message: ended.append((status, message)))
+    page.controller.resume(run.id)
+    finish(qtbot, page)
+    assert ended and ended[0][0] == "failed" and "has no checkpoint step-6" in ended[0][1]
+    assert run.events_path.read_bytes() == before and run.status() == "interrupted"

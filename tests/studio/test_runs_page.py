@@ -56,6 +56,22 @@ def test_lists_every_run_with_its_status_and_numbers(page, two_runs):
     assert page.table.item(good_row, 5).text() == f"{[e for e in RECORDED if isinstance(e, StepMetrics)][-1].loss:.4f}"
 
 
+def test_a_damaged_events_line_is_skipped_and_named_in_the_status_tooltip(page, workspace):
+    mended = workspace.create_run(RunConfig(name="mended"))
+    for e in RECORDED[:20]:
+        mended.append_event(e)
+    with open(mended.events_path, "ab") as fh:
+        fh.write(b"garbage\n")
+    for e in RECORDED[20:]:
+        mended.append_event(e)
+    page.refresh()
+    row = [r for r in range(page.table.rowCount()) if page.table.item(r, 1).text() == "mended"][0]
+    assert (page.table.item(row, 0).text(), page.table.item(row, 4).text()) == ("finished", "30")
+    assert "events.jsonl has 1 damaged line" in page.table.item(row, 0).toolTip()
+    others = [page.table.item(r, 0).toolTip() for r in range(page.table.rowCount()) if r != row]
+    assert len(others) == 2 and not any("damaged" in tip for tip in others)
+
+
 def test_rename_and_delete(page, two_runs, monkeypatch):
     good, bad = two_runs
     page.select([good.id])
