@@ -23,7 +23,7 @@ from typing import Callable, Optional
 from PySide6.QtCore import QObject, QThread, QTimer, Signal
 
 from cpt_studio.engine.config import RunConfig, validate
-from cpt_studio.engine.errors import ConfigError, CptError
+from cpt_studio.engine.errors import ConfigError, CptError, write_error
 from cpt_studio.engine.runs.events import RunFailed, RunFinished, RunStarted
 from cpt_studio.engine.runs.lock import RunLock
 from cpt_studio.engine.runs.runner import AttachedRun, WorkerProcess, worker_argv_resume, worker_argv_train
@@ -93,10 +93,15 @@ class RunController(QObject):
         problems = validate(config)
         if problems:
             raise ConfigError(problems, "the current settings")
-        fd, name = tempfile.mkstemp(prefix="cpt-studio-config-", suffix=".yaml")
-        os.close(fd)
-        self._temp_config = Path(name)
-        config.save(self._temp_config)
+        try:          # the worker reads the settings from a file: a full /tmp stops it here
+            fd, name = tempfile.mkstemp(prefix="cpt-studio-config-", suffix=".yaml")
+            os.close(fd)
+            self._temp_config = Path(name)
+            config.save(self._temp_config)
+        except OSError as exc:
+            error = write_error(exc, "the run's settings", tempfile.gettempdir(), "start the run again")
+            raise (error or CptError(f"Could not write the run's settings: {exc}",
+                                     "Start the run again.")) from exc
         self.mode, self.run_id, self.run_dir = "train", "", None
         self._launch(worker_argv_train(self._temp_config, self.workspace.root))
 

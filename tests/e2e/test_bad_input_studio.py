@@ -25,7 +25,7 @@ WAIT_MS = 120_000
 STUDIO_CASES = ["studio-model-not-a-model", "studio-model-truncated", "studio-config-not-yaml",
                 "studio-config-python-tag", "studio-config-out-of-range", "studio-corpus-binary",
                 "studio-corpus-missing", "studio-corpus-link-loop", "studio-resume-no-checkpoint",
-                "studio-run-fails-to-start", "studio-damaged-events", "studio-export-no-adapter"]
+                "studio-run-fails-to-start", "studio-damaged-events", "studio-export-no-adapter", "studio-start-disk-full"]
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -34,12 +34,14 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def studio(studio_window, earlier_run, qtbot):
-    """(window, earlier run folder): the window over the workspace of the earlier run; at the end of
-    the test, the window must still be usable and the earlier run unchanged."""
+def studio(studio_window, earlier_run, qtbot, tiny_config):
+    """(window, earlier run folder): the window over the workspace of the earlier run, set up for a
+    tiny model (so that showing it does not start converting the built-in GGUF default); at the end
+    of the test, the window must still be usable and the earlier run unchanged."""
     workspace, run = earlier_run
     before = _digest(run)
     win = studio_window(workspace)
+    win.state.set_config(tiny_config(max_steps=4))
     win.show()
     yield win, run
     assert_usable(win, qtbot)
@@ -241,6 +243,28 @@ def test_studio_export_no_adapter(qtbot, studio):
         assert not page.tasks.is_busy("export")
     finally:
         shutil.rmtree(copy)
+
+
+def test_studio_start_disk_full(studio, tiny_config, monkeypatch):
+    """The settings file the worker reads cannot be written (a full /tmp): Start says so."""
+    import errno
+
+    from cpt_studio.engine.config import RunConfig
+
+    win, _ = studio
+    win.state.set_config(tiny_config(max_steps=4))
+
+    def full(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(RunConfig, "save", full)
+    run_page = win.pages["run"]
+    win.show_page("run")
+    run_page.start_btn.click()
+    assert not win.controller.busy
+    text = run_page.banner.text()
+    assert "no space left on device" in text and "Free space at" in text, text
+    monkeypatch.undo()
 
 
 def test_every_studio_case_has_a_test_and_a_docs_entry():
