@@ -1,20 +1,17 @@
 """Tokenize a corpus and pack it into fixed-length training blocks, with an eval split and a cache.
 
     data = build_packed_data(cfg.data, tokenizer, workspace.cache, progress=report, seed=42)
-    data.train                   # LongTensor [N, seq_len]
-    data.eval_sets["heldout"]    # LongTensor [M, seq_len]; "retention" too when configured
+    data.train                   # TokenBlocks: shape (N, seq_len); data.train[indices] -> LongTensor
+    data.eval_sets["heldout"]    # TokenBlocks (M, seq_len); "retention" too when configured
     data.stats                   # documents, tokens, train_blocks, eval_blocks, cache_hit, ...
 
 Every document is tokenized without special tokens and followed by EOS; the documents of all
 files form one stream that is cut into blocks of exactly seq_len (the remainder is dropped). The
-result is cached under cache_dir by a hash of the file contents, the data settings and the
-tokenizer, so a second run on the same corpus skips tokenizing.
-
-Limitation: the whole token stream is held in memory as int32 (4 bytes per token), which suits
-corpora up to a few hundred million tokens; ~1e9 tokens would want a streamed, memory-mapped
-packer. Packing peaks at about PACKING_BYTES_PER_TOKEN bytes a token (the stream, its blocks, the
-int64 tensor, the cache's copy), so tokenizing stops with a CorpusError as soon as the tokens read
-so far, or those the whole corpus will give at the rate seen, cannot fit in the RAM available.
+stream goes to a token file in cache_dir as it is tokenized (token_store.py: uint16 or uint32, one
+tokenizer batch in memory at a time) and training reads its blocks through a memory map, so the
+worker's RAM does not grow with the corpus. The files are named by a hash of the file contents,
+the data settings and the tokenizer, so a second run on the same corpus skips tokenizing; they are
+the training data, not a mere cache: a full disk while writing them stops the run with a message.
 """
 from __future__ import annotations
 
@@ -29,24 +26,20 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 
 from ..atomic import file_sha256, write_bytes_atomic
 from ..config import DataConfig
 from .corpus import corpus_entry_files, corpus_size_bytes, expand_corpus_paths, read_documents
-from ..errors import CorpusError, ModelSourceError, printable
+from ..errors import CorpusError, ModelSourceError, printable, write_error
+from .token_store import TokenBlocks, TokenFileWriter, token_dtype
 
 logger = logging.getLogger(__name__)
 
-PACKING_VERSION = 1                 # bump when the packed output changes for the same inputs
+PACKING_VERSION = 2                 # bump when the packed output changes for the same inputs
+                                    # (2: token files + memory map; the same blocks as 1)
 _BATCH_DOCS = 256                   # documents per tokenizer call
 _BATCH_CHARS = 1_000_000            # ... or this many characters, whichever comes first
 _REPORT_STEP = 0.02                 # report progress at least every 2 %
-
-# Peak bytes a token while packing: int32 stream 4 + train blocks copied out of it 4 + the int64
-# tensor 8 + the cache's int32 copy 4 + its serialized bytes 4.
-PACKING_BYTES_PER_TOKEN = 24
-_PROJECT_AFTER = 0.1                # project the corpus's tokens from the rate once 10 % is read
 
 Progress = Callable[[float, str], None]
 
@@ -55,8 +48,8 @@ Progress = Callable[[float, str], None]
 class PackedData:
     """Packed token blocks ready for training and evaluation."""
 
-    train: torch.Tensor                                   # [N, seq_len] int64
-    eval_sets: dict = field(default_factory=dict)         # name -> [M, seq_len] int64
+    train: TokenBlocks                                    # (N, seq_len); [rows] -> int64 tensor
+    eval_sets: dict = field(default_factory=dict)         # name -> TokenBlocks (M, seq_len)
     stats: dict = field(default_factory=dict)
 
 
@@ -67,13 +60,14 @@ def build_packed_data(data_cfg: DataConfig, tokenizer, cache_dir: Path,
     Args:
         data_cfg: files, text column, seq_len and eval settings.
         tokenizer: a transformers tokenizer with an EOS token.
-        cache_dir: where packed results are cached (<key>.safetensors + <key>.json).
+        cache_dir: where the token files go (<key>.<split>.tokens, <key>.rows.npz, <key>.json).
         progress: called as progress(fraction 0..1, message) while tokenizing.
         seed: picks the held-out blocks when no eval_files are given.
 
     Raises:
         CorpusError: unreadable files, or a corpus too small for seq_len.
         ModelSourceError: the tokenizer has no EOS token.
+        DiskFullError: no room in cache_dir for the token files.
     """
     report = progress or (lambda fraction, message: None)
     seq_len = data_cfg.seq_len
@@ -96,39 +90,44 @@ def build_packed_data(data_cfg: DataConfig, tokenizer, cache_dir: Path,
                     f"({cached.stats['tokens']:,} tokens)")
         return cached
 
+    cache_dir = Path(cache_dir)
     total_bytes = sum(corpus_size_bytes(p) for paths in groups.values() for p in paths)
     tracker = _Tracker(report, total_bytes)
-    tokens, counts = _tokenize(groups["train"], tokenizer, eos, data_cfg.text_column, tracker)
-    blocks, dropped = _cut_blocks(tokens, seq_len)
-    n = len(blocks)
+    vocab = _vocab_size(tokenizer)
+    n_tokens, counts = _tokenize_to_file(groups["train"], tokenizer, eos, data_cfg.text_column,
+                                         tracker, cache_dir / f"{key}.train.tokens", vocab)
+    dtype = token_dtype(vocab)
+    blocks = TokenBlocks.open(cache_dir / f"{key}.train.tokens", dtype, seq_len)
+    n, dropped = blocks.n_blocks, n_tokens - blocks.n_blocks * seq_len
     if n < (1 if groups["heldout"] else 2):
-        raise _too_small(groups["train"], len(tokens), seq_len, need=1 if groups["heldout"] else 2)
+        raise _too_small(groups["train"], n_tokens, seq_len, need=1 if groups["heldout"] else 2)
+    rows: dict[str, np.ndarray] = {}
     if groups["heldout"]:
         train = blocks
-        heldout = _eval_blocks(groups["heldout"], tokenizer, eos, data_cfg, tracker, seed)
+        heldout = _eval_blocks("heldout", groups["heldout"], tokenizer, eos, data_cfg, tracker,
+                               seed, cache_dir, key, vocab, rows)
     else:
         n_eval = min(max(1, round(data_cfg.eval_fraction * n)), data_cfg.max_eval_blocks, n - 1)
         is_eval = np.zeros(n, dtype=bool)
         is_eval[block_permutation(n, seed)[:n_eval]] = True
-        train, heldout = blocks[~is_eval], blocks[is_eval]
+        rows["train"], rows["heldout"] = np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
+        train, heldout = blocks.with_rows(rows["train"]), blocks.with_rows(rows["heldout"])
     eval_sets = {"heldout": heldout}
     if groups["retention"]:
-        eval_sets["retention"] = _eval_blocks(groups["retention"], tokenizer, eos, data_cfg,
-                                              tracker, seed)
-    stats = {"documents": counts["documents"], "tokens": len(tokens),
+        eval_sets["retention"] = _eval_blocks("retention", groups["retention"], tokenizer, eos,
+                                              data_cfg, tracker, seed, cache_dir, key, vocab, rows)
+    stats = {"documents": counts["documents"], "tokens": n_tokens,
              "train_blocks": len(train), "eval_blocks": len(heldout),
              "characters": counts["characters"],
              # EOS is ours, not the text's: leave it out of the tokens-per-character ratio.
-             "tokens_per_char": (len(tokens) - counts["documents"]) / max(1, counts["characters"]),
+             "tokens_per_char": (n_tokens - counts["documents"]) / max(1, counts["characters"]),
              "cache_hit": False, "dropped_tokens": dropped, "seq_len": seq_len}
     if "retention" in eval_sets:
         stats["retention_blocks"] = len(eval_sets["retention"])
-    as_long = {k: torch.from_numpy(v.astype(np.int64)) for k, v in eval_sets.items()}
-    data = PackedData(torch.from_numpy(train.astype(np.int64)), as_long, stats)
-    _save_cache(Path(cache_dir), key, data)
+    _finish_cache(cache_dir, key, rows, stats, dtype)
     report(1.0, f"Tokenized {stats['documents']:,} documents into {stats['tokens']:,} tokens "
                 f"({stats['train_blocks']} train + {stats['eval_blocks']} eval blocks)")
-    return data
+    return PackedData(train, eval_sets, stats)
 
 
 # ---- tokenizing and packing ----------------------------------------------------------------
@@ -140,31 +139,17 @@ class _Tracker:
         self.done = 0          # bytes of finished files
         self.last, self.last_time = -1.0, 0.0
         self.fraction = 0.0
-        self.tokens = 0        # tokens held so far, every group
-        self.last_memory_check = -1.0
+        self.start = time.monotonic()
 
-    def hold(self, tokens: int) -> None:
-        """Count tokens now held in memory; refuse a corpus whose packing cannot fit in RAM."""
-        self.tokens += tokens
-        now = time.monotonic()
-        if self.last_memory_check >= 0 and now - self.last_memory_check < 0.5:
-            return
-        self.last_memory_check = now
-        import psutil
-
-        held = self.tokens * 4
-        free = psutil.virtual_memory().available + held     # the tokens held are ours already
-        expected = self.tokens
-        if self.fraction >= _PROJECT_AFTER:
-            expected = int(self.tokens / self.fraction)
-        if expected * PACKING_BYTES_PER_TOKEN > free:
-            raise CorpusError(
-                f"The corpus is too big to pack in the RAM available: {self.fraction:.0%} of its "
-                f"{_gb(self.total)} gave {self.tokens:,} tokens, so about {expected:,} in all, "
-                f"and packing needs {PACKING_BYTES_PER_TOKEN} bytes a token "
-                f"({_gb(expected * PACKING_BYTES_PER_TOKEN)}); {_gb(free)} of RAM is available",
-                "Train on fewer or smaller files (a large corpus can be split over runs that each "
-                "continue from the previous run's adapter), or close other programs.")
+    def rate_text(self, fraction: float, now: float) -> str:
+        """" — 12.3 MB/s, 0:42 left" once a second of reading gives a rate, else ""."""
+        elapsed = now - self.start
+        if elapsed < 1.0 or fraction <= 0:
+            return ""
+        rate = fraction * self.total / elapsed
+        left = int(elapsed * (1 - fraction) / fraction)
+        return f" — {rate / 1e6:.1f} MB/s, {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left" \
+            if left >= 3600 else f" — {rate / 1e6:.1f} MB/s, {left // 60}:{left % 60:02d} left"
 
     def update(self, file_size: int, read_in_file: int, message: str, new_file: bool = False):
         # Parquet sizes are compressed, so clamp: progress never runs past the file's share.
@@ -175,12 +160,31 @@ class _Tracker:
         now = time.monotonic()
         if fraction - self.last >= _REPORT_STEP or (new_file and now - self.last_time >= 0.5):
             self.last, self.last_time = fraction, now
-            self.report(fraction, message)
+            self.report(fraction, message + self.rate_text(fraction, now))
 
 
-def _tokenize(paths: list[Path], tokenizer, eos: int, text_column: str, tracker: _Tracker):
-    """One int32 token stream for the files (EOS after every document) and document counts."""
-    pieces: list[np.ndarray] = []
+def _tokenize_to_file(paths: list[Path], tokenizer, eos: int, text_column: str, tracker: _Tracker,
+                      out: Path, vocab: int) -> tuple[int, dict]:
+    """Tokenize the files into one token file at `out` (EOS after every document), a batch of
+    documents at a time; returns (tokens written, document counts). Nothing is left at `out` (or
+    in a partial file) when it fails."""
+    writer = TokenFileWriter(out, vocab)
+    try:
+        counts = _tokenize(paths, tokenizer, eos, text_column, tracker, writer.append)
+        return writer.finish(), counts
+    except BaseException as exc:
+        error = write_error(exc, "the tokenized corpus", out.parent,
+                            "start again (the corpus is tokenized again)") \
+            if isinstance(exc, OSError) else None
+        writer.discard()
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _tokenize(paths: list[Path], tokenizer, eos: int, text_column: str, tracker: _Tracker, sink):
+    """Feed the int32 token ids of the files (EOS after every document) to `sink`, a tokenizer
+    batch at a time; returns the document counts."""
     counts = {"documents": 0, "characters": 0}
     for path in paths:
         size, read, batch, batch_chars = corpus_size_bytes(path), 0, [], 0
@@ -191,21 +195,22 @@ def _tokenize(paths: list[Path], tokenizer, eos: int, text_column: str, tracker:
                 batch.append(doc)
                 batch_chars += len(doc)
             if batch and (doc is None or len(batch) >= _BATCH_DOCS or batch_chars >= _BATCH_CHARS):
-                pieces.append(_encode(tokenizer, batch, eos))
+                sink(_encode(tokenizer, batch, eos))
                 counts["documents"] += len(batch)
                 counts["characters"] += batch_chars
                 read += sum(len(d.encode("utf-8")) for d in batch)
                 tracker.update(size, read, message)
-                tracker.hold(len(pieces[-1]))
                 batch, batch_chars = [], 0
         tracker.done += size
         if not read:
             logger.warning("Corpus file %s holds no text; skipped", printable(str(path)))
-    return (np.concatenate(pieces) if pieces else np.zeros(0, np.int32)), counts
+    return counts
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1024 ** 3:.1f} GB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.0f} MB"
+def _vocab_size(tokenizer) -> int:
+    """Ids run below this (added tokens included)."""
+    return max(len(tokenizer), int(getattr(tokenizer, "vocab_size", 0) or 0),
+               int(tokenizer.eos_token_id) + 1)
 
 
 def _encode(tokenizer, batch: list[str], eos: int) -> np.ndarray:
@@ -217,20 +222,18 @@ def _encode(tokenizer, batch: list[str], eos: int) -> np.ndarray:
     return np.fromiter(flat, dtype=np.int32, count=total)
 
 
-def _cut_blocks(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, int]:
-    n = len(tokens) // seq_len
-    return tokens[: n * seq_len].reshape(n, seq_len), len(tokens) - n * seq_len
-
-
-def _eval_blocks(paths, tokenizer, eos, data_cfg: DataConfig, tracker: _Tracker, seed: int):
-    """Pack separate eval files; at most max_eval_blocks blocks, picked by the seed."""
-    tokens, _ = _tokenize(paths, tokenizer, eos, data_cfg.text_column, tracker)
-    blocks, _ = _cut_blocks(tokens, data_cfg.seq_len)
-    if len(blocks) == 0:
-        raise _too_small(paths, len(tokens), data_cfg.seq_len, need=1)
-    if len(blocks) > data_cfg.max_eval_blocks:
-        keep = np.sort(block_permutation(len(blocks), seed)[: data_cfg.max_eval_blocks])
-        blocks = blocks[keep]
+def _eval_blocks(name: str, paths, tokenizer, eos, data_cfg: DataConfig, tracker: _Tracker,
+                 seed: int, cache_dir: Path, key: str, vocab: int, rows: dict) -> TokenBlocks:
+    """Pack separate eval files into their own token file; at most max_eval_blocks blocks, picked
+    by the seed (their block numbers go to rows[name])."""
+    out = cache_dir / f"{key}.{name}.tokens"
+    n_tokens, _ = _tokenize_to_file(paths, tokenizer, eos, data_cfg.text_column, tracker, out, vocab)
+    blocks = TokenBlocks.open(out, token_dtype(vocab), data_cfg.seq_len)
+    if blocks.n_blocks == 0:
+        raise _too_small(paths, n_tokens, data_cfg.seq_len, need=1)
+    if blocks.n_blocks > data_cfg.max_eval_blocks:
+        rows[name] = np.sort(block_permutation(blocks.n_blocks, seed)[: data_cfg.max_eval_blocks])
+        return blocks.with_rows(rows[name])
     return blocks
 
 
@@ -301,40 +304,57 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 
-def _save_cache(cache_dir: Path, key: str, data: PackedData) -> None:
-    from safetensors.torch import save
+_SPLITS = ("train", "heldout", "retention")
 
-    # int32 halves the file; ids always fit (vocabularies stay far below 2**31).
-    tensors = {"train": data.train.to(torch.int32).contiguous()}
-    tensors.update({f"eval/{k}": v.to(torch.int32).contiguous() for k, v in data.eval_sets.items()})
-    meta = {"key": key, "packing_version": PACKING_VERSION, "stats": data.stats}
+
+def _finish_cache(cache_dir: Path, key: str, rows: dict, stats: dict, dtype) -> None:
+    """Write the split rows and, last, the meta file whose presence marks a complete entry."""
+    meta = {"key": key, "packing_version": PACKING_VERSION, "stats": stats,
+            "dtype": np.dtype(dtype).name}
     try:
-        write_bytes_atomic(cache_dir / f"{key}.safetensors", save(tensors))
-        # The stats file is written second, so its presence marks a complete cache entry.
+        if rows:
+            import io
+            buffer = io.BytesIO()
+            np.savez(buffer, **rows)
+            write_bytes_atomic(cache_dir / f"{key}.rows.npz", buffer.getvalue())
         write_bytes_atomic(cache_dir / f"{key}.json", json.dumps(meta, indent=1).encode())
-    except OSError as exc:     # the cache only saves time: a full disk must not stop the run
-        logger.warning("Could not cache the packed corpus in %s (%s)", cache_dir, exc)
+    except OSError as exc:     # the token files are whole: this run trains; the next tokenizes again
+        logger.warning("Could not record the tokenized corpus in %s (%s); the next run tokenizes "
+                       "it again", cache_dir, exc)
 
 
 def _load_cache(cache_dir: Path, key: str, seq_len: int) -> Optional[PackedData]:
-    tensors_path, meta_path = cache_dir / f"{key}.safetensors", cache_dir / f"{key}.json"
-    if not (tensors_path.is_file() and meta_path.is_file()):
+    meta_path = cache_dir / f"{key}.json"
+    if not meta_path.is_file():
         return None
-    from safetensors.torch import load_file
-
     try:
         meta = json.loads(meta_path.read_text("utf-8"))
-        tensors = load_file(str(tensors_path))
-        train = tensors["train"].long()
-        eval_sets = {k.removeprefix("eval/"): v.long() for k, v in tensors.items()
-                     if k.startswith("eval/")}
+        if meta.get("packing_version") != PACKING_VERSION or meta["key"] != key:
+            raise ValueError("made by another version")
         stats = dict(meta["stats"], cache_hit=True)
-        shapes_ok = all(t.ndim == 2 and t.shape[1] == seq_len for t in [train, *eval_sets.values()])
-        if meta["key"] != key or "heldout" not in eval_sets or not shapes_ok \
-                or len(train) != stats["train_blocks"]:
+        rows_path = cache_dir / f"{key}.rows.npz"
+        rows = dict(np.load(rows_path)) if rows_path.is_file() else {}
+        files = {name: cache_dir / f"{key}.{name}.tokens" for name in _SPLITS}
+        train_file = TokenBlocks.open(files["train"], meta["dtype"], seq_len)
+        if stats["tokens"] != train_file.n_blocks * seq_len + stats["dropped_tokens"]:
+            raise ValueError("the train token file does not hold the tokens recorded")
+        sets = {}
+        for name in ("train", "heldout", "retention"):
+            source = files[name] if files[name].is_file() and name != "train" else None
+            if source is None and name not in rows:
+                if name == "train":
+                    sets[name] = train_file
+                continue
+            blocks = train_file if source is None else TokenBlocks.open(source, meta["dtype"], seq_len)
+            sets[name] = blocks.with_rows(rows[name]) if name in rows else blocks
+            if name in rows and len(rows[name]) and rows[name].max() >= blocks.n_blocks:
+                raise ValueError(f"{name} rows past the end of its token file")
+        if "heldout" not in sets or len(sets["train"]) != stats["train_blocks"] \
+                or len(sets["heldout"]) != stats["eval_blocks"]:
             raise ValueError("contents do not match the key")
     except Exception as exc:   # any damage (truncated, foreign, hand-edited): rebuild, never fail
         logger.warning("Ignoring a damaged corpus cache entry %s (%s); tokenizing again",
-                       tensors_path, exc)
+                       meta_path, exc)
         return None
-    return PackedData(train, eval_sets, stats)
+    train = sets.pop("train")
+    return PackedData(train, sets, stats)

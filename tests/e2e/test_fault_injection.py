@@ -39,7 +39,7 @@ FAR = 100_000         # a run that never ends by itself: each process is ended b
 # (call, path part, n): the n-th such write in one process gets the fault.
 START_SITES = [                            # written by `train` only, before the first step
     ("fsync", "config.yaml", 1),           # the run's config
-    ("fsync", "/cache/", 1),               # the tokenized corpus cache
+    ("fsync", "/cache/", 1),               # the token file of the corpus
 ]
 TRAINING_SITES = [
     ("safetensors", "checkpoints", 2),     # checkpoint weights
@@ -54,8 +54,8 @@ END_SITES = [                              # written when the run ends
     ("sqlite", "index.sqlite", 1),         # the run index
 ]
 WRITE_SITES = START_SITES + TRAINING_SITES + END_SITES
-# Caches: a full disk while writing them costs speed later, not the run.
-SURVIVABLE_SITES = [("fsync", "/cache/", 1), ("sqlite", "index.sqlite", 1)]
+# The run index is a cache: a full disk while writing it costs nothing but a warning.
+SURVIVABLE_SITES = [("sqlite", "index.sqlite", 1)]
 TEMP_NAME = re.compile(r"(\.tmp|tmp-|\.trash|\.partial)")
 
 

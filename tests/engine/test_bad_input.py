@@ -299,24 +299,34 @@ def test_the_memory_the_machine_has_is_read_from_the_system():
     assert 0 < free <= psutil.virtual_memory().total
 
 
-def test_a_corpus_too_big_to_pack_in_ram_stops_while_tokenizing(tmp_path, tiny_tokenizer,
-                                                                 monkeypatch):
-    import psutil
+def test_a_full_disk_while_the_corpus_is_tokenized_names_the_folder_and_leaves_nothing(
+        tmp_path, tiny_tokenizer, monkeypatch):
+    """The tokens go to disk as they are made (the RAM holds one batch): a full disk there is a
+    clean DiskFullError naming the cache folder, and no partial token file is left behind."""
+    import errno
 
-    real = psutil.virtual_memory()
-    monkeypatch.setattr(psutil, "virtual_memory",
-                        lambda: real._replace(available=256 * 1024, free=256 * 1024))   # 256 kB
+    from cpt_studio.engine.data import token_store
+    from cpt_studio.engine.errors import DiskFullError
+
     folder = tmp_path / "corpus"
     folder.mkdir()
     for i in range(4):
-        (folder / f"{i}.txt").write_text(TEXT * 40)          # 4 x 46 kB of text
-    with pytest.raises(CorpusError) as err:
+        (folder / f"{i}.txt").write_text(TEXT * 40)
+    real_append, calls = token_store.TokenFileWriter.append, []
+
+    def append(self, ids):
+        calls.append(len(ids))
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_append(self, ids)
+
+    monkeypatch.setattr(token_store.TokenFileWriter, "append", append)
+    with pytest.raises(DiskFullError) as err:
         build_packed_data(DataConfig(train_files=[str(folder)], seq_len=16), tiny_tokenizer,
                           tmp_path / "cache")
-    assert "too big to pack in the RAM available" in err.value.message
-    assert "MB of RAM is available" in err.value.message
-    assert "fewer or smaller files" in err.value.hint
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    assert "the tokenized corpus" in err.value.message and str(tmp_path / "cache") in err.value.message
+    assert "Free space at" in err.value.hint
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_a_step_that_may_not_fit_is_let_through_with_a_warning(tmp_path, tiny_model_dir, caplog,

@@ -45,8 +45,8 @@ def reference(tmp_path_factory, tiny_tokenizer):
 def test_every_format_packs_into_the_same_blocks(tmp_path, tiny_tokenizer, reference, fmt):
     corpus = write_corpus(fmt, tmp_path / fmt)
     data = build_packed_data(cfg([corpus]), tiny_tokenizer, tmp_path / "c")
-    assert torch.equal(data.train, reference.train)
-    assert torch.equal(data.eval_sets["heldout"], reference.eval_sets["heldout"])
+    assert torch.equal(data.train[:], reference.train[:])
+    assert torch.equal(data.eval_sets["heldout"][:], reference.eval_sets["heldout"][:])
     assert data.stats["documents"] == 3 and data.stats["tokens"] == reference.stats["tokens"]
 
 
@@ -55,8 +55,8 @@ def test_blocks_are_the_eos_separated_stream_cut_into_seq_len(tmp_path, tiny_tok
                              tiny_tokenizer, tmp_path / "cache")
     expected = stream(tiny_tokenizer, DOCS)
     n_blocks = len(expected) // SEQ
-    blocks = torch.cat([data.train, data.eval_sets["heldout"]])
-    assert data.train.dtype == torch.int64 and blocks.shape[1] == SEQ
+    blocks = torch.cat([data.train[:], data.eval_sets["heldout"][:]])
+    assert data.train[:].dtype == torch.int64 and blocks.shape[1] == SEQ
     assert blocks.shape[0] == n_blocks == data.stats["train_blocks"] + data.stats["eval_blocks"]
     # Train and eval rows together are the stream's blocks in some order: sort rows to compare.
     want = torch.tensor(expected[: n_blocks * SEQ]).view(n_blocks, SEQ)
@@ -76,10 +76,10 @@ def test_eval_split_is_disjoint_deterministic_and_capped(tmp_path, tiny_tokenize
     c = build_packed_data(config, tiny_tokenizer, tmp_path / "c3", seed=2)
     n = a.stats["train_blocks"] + a.stats["eval_blocks"]
     assert a.stats["eval_blocks"] == max(1, round(0.2 * n))
-    assert torch.equal(a.eval_sets["heldout"], b.eval_sets["heldout"])
-    assert not torch.equal(a.eval_sets["heldout"], c.eval_sets["heldout"])
-    train_rows = {tuple(r) for r in a.train.tolist()}
-    eval_rows = {tuple(r) for r in a.eval_sets["heldout"].tolist()}
+    assert torch.equal(a.eval_sets["heldout"][:], b.eval_sets["heldout"][:])
+    assert not torch.equal(a.eval_sets["heldout"][:], c.eval_sets["heldout"][:])
+    train_rows = {tuple(r) for r in a.train[:].tolist()}
+    eval_rows = {tuple(r) for r in a.eval_sets["heldout"][:].tolist()}
     assert len(train_rows) + len(eval_rows) == n and not train_rows & eval_rows
     capped = build_packed_data(cfg([corpus], eval_fraction=0.5, max_eval_blocks=2),
                                tiny_tokenizer, tmp_path / "c4")
@@ -112,23 +112,25 @@ def test_second_build_is_a_cache_hit_and_a_content_change_is_not(tmp_path, tiny_
     second = build_packed_data(config, tiny_tokenizer, tmp_path / "cache",
                                progress=lambda f, m: reports.append((f, m)))
     assert second.stats["cache_hit"] and reports == [(1.0, reports[0][1])]
-    assert torch.equal(first.train, second.train) and second.train.dtype == torch.int64
-    assert torch.equal(first.eval_sets["heldout"], second.eval_sets["heldout"])
+    assert torch.equal(first.train[:], second.train[:]) and second.train[:].dtype == torch.int64
+    assert torch.equal(first.eval_sets["heldout"][:], second.eval_sets["heldout"][:])
     assert {k: v for k, v in first.stats.items() if k != "cache_hit"} == \
         {k: v for k, v in second.stats.items() if k != "cache_hit"}
 
     (corpus / "01.txt").write_text(DOCS[1].upper(), "utf-8")       # same size, new content
     third = build_packed_data(config, tiny_tokenizer, tmp_path / "cache")
-    assert not third.stats["cache_hit"] and not torch.equal(third.train, first.train)
+    assert not third.stats["cache_hit"] and not torch.equal(third.train[:], first.train[:])
 
 
 def test_a_corrupt_cache_file_is_rebuilt(tmp_path, tiny_tokenizer):
     config = cfg([write_corpus("txt", tmp_path / "corpus")])
-    first = build_packed_data(config, tiny_tokenizer, tmp_path / "cache")
-    for path in (tmp_path / "cache").glob("*.safetensors"):
+    expected = build_packed_data(config, tiny_tokenizer, tmp_path / "cache").train[:]
+    tokens = list((tmp_path / "cache").glob("*.tokens"))
+    assert tokens
+    for path in tokens:
         path.write_bytes(path.read_bytes()[:40])
     again = build_packed_data(config, tiny_tokenizer, tmp_path / "cache")
-    assert not again.stats["cache_hit"] and torch.equal(again.train, first.train)
+    assert not again.stats["cache_hit"] and torch.equal(again.train[:], expected)
 
 
 def test_corpus_too_small_for_seq_len_names_tokens_and_block_size(tmp_path, tiny_tokenizer):
@@ -158,3 +160,17 @@ def test_progress_is_reported_often_and_in_order(tmp_path, tiny_tokenizer, monke
 def test_empty_train_files_mean_the_sample_corpus(tmp_path, tiny_tokenizer):
     data = build_packed_data(DataConfig(seq_len=64), tiny_tokenizer, tmp_path / "cache")
     assert data.stats["documents"] >= 1 and data.train.shape[1] == 64
+
+
+def test_tokenizing_reports_its_speed_and_time_left():
+    from cpt_studio.engine.data.packing import _Tracker
+
+    reports = []
+    tracker = _Tracker(lambda fraction, message: reports.append(message), 100_000_000)
+    tracker.start = 0.0
+    assert tracker.rate_text(0.25, 0.5) == ""                   # under a second: no rate yet
+    assert tracker.rate_text(0.25, 10.0) == " — 2.5 MB/s, 0:30 left"
+    assert tracker.rate_text(0.01, 100.0) == " — 0.0 MB/s, 2:45:00 left"
+    tracker.start = -10.0                                        # ten seconds ago
+    tracker.update(100_000_000, 50_000_000, "Tokenizing big.txt")
+    assert reports and reports[-1].startswith("Tokenizing big.txt — ") and reports[-1].endswith(" left")

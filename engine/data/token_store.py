@@ -1,0 +1,128 @@
+"""A corpus's token stream on disk, and training blocks read from it on demand (issue 14).
+
+    writer = TokenFileWriter(cache_dir / f"{key}.train.tokens", vocab_size)
+    writer.append(ids)                     # int array of one tokenizer batch, EOS included
+    n_tokens = writer.finish()             # fsynced, then renamed into place
+    blocks = TokenBlocks.open(path, seq_len, rows=None)      # rows=None: every block, in order
+    blocks.shape                           # (n_rows, seq_len)
+    blocks[torch.tensor([4, 1])]           # LongTensor [2, seq_len], read from the memory map
+    blocks[:]                              # all rows (tests, small eval sets)
+
+The stream is stored as uint16 when every id fits (vocabularies up to 65,536), else uint32: 2 or 4
+bytes a token on disk, and only the rows a batch asks for in memory, so the worker's RAM does not
+grow with the corpus. Block i is tokens[i * seq_len : (i + 1) * seq_len], exactly the blocks the
+in-memory packer of PACKING_VERSION 1 cut; `rows` picks and orders the blocks of one split.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..atomic import fsync_dir
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned type that holds every id of a vocabulary."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+class TokenFileWriter:
+    """Appends token ids to `<path>.partial`; `finish` makes it `<path>`, whole or not at all."""
+
+    def __init__(self, path: Path, vocab_size: int):
+        self.path = Path(path)
+        self.dtype = token_dtype(vocab_size)
+        self.partial = self.path.with_name(self.path.name + f".partial-{os.getpid()}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_partials(self.path)
+        self._file = open(self.partial, "wb")
+        self.n_tokens = 0
+
+    def append(self, ids: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        if int(ids.max()) > np.iinfo(self.dtype).max or int(ids.min()) < 0:
+            raise ValueError(f"token id out of range for {self.dtype} (vocabulary size wrong?)")
+        self._file.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        self.n_tokens += len(ids)
+
+    def finish(self) -> int:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.partial, self.path)
+        fsync_dir(self.path.parent)
+        return self.n_tokens
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def _remove_dead_partials(path: Path) -> None:
+    """What writers of the same file that were killed left (never a live process's)."""
+    import psutil
+
+    for partial in path.parent.glob(path.name + ".partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+            partial.unlink(missing_ok=True)
+
+
+class TokenBlocks:
+    """Rows of [seq_len] tokens cut from a token file, read through a memory map.
+
+    Indexing with an int, a slice, a list, a numpy array or a LongTensor of row numbers gives an
+    int64 tensor; only those rows are read. `rows` maps row numbers to block numbers of the file.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, rows: Optional[np.ndarray] = None):
+        n_blocks = len(tokens) // seq_len
+        self._blocks = tokens[: n_blocks * seq_len].reshape(n_blocks, seq_len)
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.seq_len = seq_len
+
+    @classmethod
+    def open(cls, path: Path, dtype: str | np.dtype, seq_len: int,
+             rows: Optional[np.ndarray] = None) -> "TokenBlocks":
+        size = Path(path).stat().st_size
+        dtype = np.dtype(dtype)
+        if size == 0:
+            return cls(np.zeros(0, dtype), seq_len, rows)
+        return cls(np.memmap(path, dtype=dtype, mode="r", shape=(size // dtype.itemsize,)), seq_len,
+                   rows)
+
+    @property
+    def n_blocks(self) -> int:
+        """Blocks in the whole file (every split), before `rows` picks some."""
+        return self._blocks.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_blocks if self.rows is None else len(self.rows), self.seq_len)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        picked = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
+        if picked.ndim == 0:
+            return self[picked.reshape(1)][0]
+        if picked.size and (picked.min() < -len(self) or picked.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        blocks = picked if self.rows is None else self.rows[picked]
+        return torch.from_numpy(np.asarray(self._blocks[blocks], dtype=np.int64))
+
+    def with_rows(self, rows: np.ndarray) -> "TokenBlocks":
+        """The same file, another split (rows are block numbers of the file)."""
+        view = TokenBlocks.__new__(TokenBlocks)
+        view._blocks, view.seq_len = self._blocks, self.seq_len
+        view.rows = np.asarray(rows, dtype=np.int64)
+        return view
