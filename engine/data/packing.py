@@ -39,6 +39,7 @@ PACKING_VERSION = 2                 # bump when the packed output changes for th
                                     # (2: token files + memory map; the same blocks as 1)
 _BATCH_DOCS = 256                   # documents per tokenizer call
 _BATCH_CHARS = 1_000_000            # ... or this many characters, whichever comes first
+_PIECE_CHARS = 100_000              # longer documents go to the tokenizer in pieces this long
 _REPORT_STEP = 0.02                 # report progress at least every 2 %
 
 Progress = Callable[[float, str], None]
@@ -190,15 +191,16 @@ def _tokenize(paths: list[Path], tokenizer, eos: int, text_column: str, tracker:
         size, read, batch, batch_chars = corpus_size_bytes(path), 0, [], 0
         message = f"Tokenizing {printable(path.name)}"
         tracker.update(size, 0, message, new_file=True)
-        for doc in chain(read_documents(path, text_column), [None]):
-            if doc is not None:
-                batch.append(doc)
-                batch_chars += len(doc)
-            if batch and (doc is None or len(batch) >= _BATCH_DOCS or batch_chars >= _BATCH_CHARS):
+        pieces = chain.from_iterable(_pieces(doc) for doc in read_documents(path, text_column))
+        for piece in chain(pieces, [None]):
+            if piece is not None:
+                batch.append(piece)
+                batch_chars += len(piece[0])
+            if batch and (piece is None or len(batch) >= _BATCH_DOCS or batch_chars >= _BATCH_CHARS):
                 sink(_encode(tokenizer, batch, eos))
-                counts["documents"] += len(batch)
+                counts["documents"] += sum(ends for _, ends in batch)
                 counts["characters"] += batch_chars
-                read += sum(len(d.encode("utf-8")) for d in batch)
+                read += sum(len(text.encode("utf-8")) for text, _ in batch)
                 tracker.update(size, read, message)
                 batch, batch_chars = [], 0
         tracker.done += size
@@ -213,12 +215,33 @@ def _vocab_size(tokenizer) -> int:
                int(tokenizer.eos_token_id) + 1)
 
 
-def _encode(tokenizer, batch: list[str], eos: int) -> np.ndarray:
+def _pieces(doc: str, limit: int = _PIECE_CHARS):
+    """(text, ends the document) pieces of at most `limit` characters, each cut just before a
+    whitespace character where there is one: a tokenizer needs memory for the whole text it is
+    given (~100 bytes a character), so a 2 GB one-line document is fed to it a piece at a time.
+    Byte-level BPE tokenizers (GPT-2 style pre-tokenizers) never merge across the space a cut is
+    put before, so the ids are those of the whole document."""
+    start = 0
+    while len(doc) - start > limit:
+        cut = start + limit
+        for ws in (doc.rfind(c, start + 1, cut) for c in "\n "):
+            if ws > start:
+                while ws + 1 < len(doc) and doc[ws + 1].isspace():
+                    ws += 1          # before the last character of a run of whitespace
+                cut = ws
+                break
+        yield doc[start:cut], False
+        start = cut
+    yield doc[start:], True
+
+
+def _encode(tokenizer, batch: list[tuple[str, bool]], eos: int) -> np.ndarray:
+    """The ids of a batch of (text, ends the document) pieces, EOS after each document's last."""
     # verbose=False: documents longer than model_max_length are fine here, packing cuts them.
-    ids = tokenizer(batch, add_special_tokens=False, return_attention_mask=False,
-                    verbose=False)["input_ids"]
-    total = sum(len(x) for x in ids) + len(ids)
-    flat = chain.from_iterable(chain(x, (eos,)) for x in ids)
+    ids = tokenizer([text for text, _ in batch], add_special_tokens=False,
+                    return_attention_mask=False, verbose=False)["input_ids"]
+    total = sum(len(x) for x in ids) + sum(ends for _, ends in batch)
+    flat = chain.from_iterable(chain(x, (eos,) if ends else ()) for x, (_, ends) in zip(ids, batch))
     return np.fromiter(flat, dtype=np.int32, count=total)
 
 

@@ -293,7 +293,11 @@ class Workspace:
         else:
             raise WorkspaceError(f"Too many runs named {base} in {runs}.", "Pick another run name.")
         run = RunDir(path)
-        config.save(run.config_path)
+        try:
+            config.save(run.config_path)
+        except BaseException:    # a full disk, a kill signal: no run folder without its config
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         fsync_dir(runs)
         log.info("created run %s", run.id)
         return run

@@ -174,3 +174,31 @@ def test_tokenizing_reports_its_speed_and_time_left():
     tracker.start = -10.0                                        # ten seconds ago
     tracker.update(100_000_000, 50_000_000, "Tokenizing big.txt")
     assert reports and reports[-1].startswith("Tokenizing big.txt — ") and reports[-1].endswith(" left")
+
+
+def test_a_long_document_is_tokenized_in_pieces_into_the_same_ids(tmp_path, tiny_tokenizer):
+    """A 2 GB one-line document would need ~200 GB inside the tokenizer: documents longer than
+    _PIECE_CHARS go in pieces cut before whitespace, and a byte-level BPE gives the same ids."""
+    import random
+
+    from cpt_studio.engine.data.corpus import read_documents
+    from cpt_studio.engine.data.packing import _PIECE_CHARS, _pieces
+
+    rng = random.Random(3)
+    words = ["la", "rapida", "bruna", "vulpo", "saltas", "super", "hundo", "123", "ĉiuj", "?!"]
+    spaces = [" ", " ", " ", "  ", "\n", "\n\n", " \n", "\t"]
+    text = "".join(rng.choice(words) + rng.choice(spaces) for _ in range(90_000))
+    assert len(text) > 3 * _PIECE_CHARS
+    pieces = list(_pieces(text))
+    assert len(pieces) > 3 and "".join(p for p, _ in pieces) == text
+    assert [ends for _, ends in pieces] == [False] * (len(pieces) - 1) + [True]
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "long.txt").write_text(text, encoding="utf-8")
+    data = build_packed_data(cfg([str(tmp_path / "corpus")], eval_fraction=0.5), tiny_tokenizer,
+                             tmp_path / "cache")
+    (doc,) = read_documents(tmp_path / "corpus" / "long.txt")          # as the reader cleans it
+    whole = tiny_tokenizer(doc, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    blocks = torch.cat([data.train[:], data.eval_sets["heldout"][:]])
+    assert data.stats["documents"] == 1 and data.stats["tokens"] == len(whole)
+    assert sorted(map(tuple, blocks.tolist())) == sorted(
+        tuple(whole[i:i + SEQ]) for i in range(0, len(whole) - SEQ + 1, SEQ))

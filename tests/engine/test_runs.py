@@ -216,3 +216,17 @@ def test_rundir_layout(tmp_path):
                              run.adapter_dir, run.exports_dir)] == [
         "config.yaml", "events.jsonl", "control", "checkpoints", "adapter", "exports"]
     assert run.name == run.id                 # no config yet: the id is shown
+
+
+def test_a_run_whose_config_cannot_be_written_leaves_no_folder(ws, monkeypatch):
+    """A full disk under config.yaml: no run folder without its config (the runs list would show
+    a run that can never be read or resumed)."""
+    import errno
+
+    def full(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(RunConfig, "save", full)
+    with pytest.raises(OSError):
+        ws.create_run(RunConfig(name="no room"))
+    assert list(ws.runs_dir.iterdir()) == []

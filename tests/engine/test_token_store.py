@@ -88,15 +88,21 @@ print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss /
 """
 
 
-def _peak_rss_mb(tmp_path, n_files: int) -> tuple[float, int]:
+def _peak_rss_mb(tmp_path, n_files: int, one_document: bool = False) -> tuple[float, int]:
     rng = random.Random(n_files)
     words = ["vorto", "lingvo", "domo", "kato", "hundo", "rapida", "bruna", "saltas", "super",
              "maldiligenta", "homoj", "estas", "liberaj", "kaj", "egalaj", "digno", "rajtoj"]
-    folder = tmp_path / f"corpus{n_files}"
+    folder = tmp_path / f"corpus{n_files}{'-one' if one_document else ''}"
     folder.mkdir()
-    for i in range(n_files):            # 1 MB a file, paragraphs of random words
+    texts = []
+    for i in range(n_files):            # 1 MB each, paragraphs of random words
         text = "\n\n".join(" ".join(rng.choices(words, k=120)) for _ in range(1200))
-        (folder / f"{i}.txt").write_text(text[: 1 << 20], encoding="utf-8")
+        texts.append(text[: 1 << 20])
+    if one_document:                    # a .txt file is one document
+        (folder / "all.txt").write_text("\n\n".join(texts), encoding="utf-8")
+    else:
+        for i, text in enumerate(texts):
+            (folder / f"{i}.txt").write_text(text, encoding="utf-8")
     done = subprocess.run([sys.executable, "-P", "-c", _BUILD, str(folder), str(tmp_path / "cache"),
                            str(TESTS)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -115,3 +121,17 @@ def test_the_workers_memory_does_not_grow_with_the_corpus(tmp_path):
     print(f"peak RSS {small_mb:.0f} MB for {small_tokens:,} tokens, {large_mb:.0f} MB for "
           f"{large_tokens:,} tokens (+{grown:.0f} MB)")
     assert grown < 50, f"peak RSS grew by {grown:.0f} MB for {large_tokens - small_tokens:,} more tokens"
+
+
+@pytest.mark.slow
+def test_one_long_document_costs_the_tokenizer_a_piece_not_the_document(tmp_path):
+    """One 4 MB and one 24 MB document: a tokenizer given a whole document needs ~100 bytes a
+    character (about 2 GB more here); given pieces of _PIECE_CHARS, a constant. What still grows
+    is the reader's copy of the document's text (a few bytes a character)."""
+    small_mb, small_tokens = _peak_rss_mb(tmp_path, 4, one_document=True)
+    large_mb, large_tokens = _peak_rss_mb(tmp_path, 24, one_document=True)
+    assert large_tokens > 5 * small_tokens
+    grown = large_mb - small_mb
+    print(f"peak RSS {small_mb:.0f} MB -> {large_mb:.0f} MB (+{grown:.0f} MB) for one document "
+          f"of {small_tokens:,} -> {large_tokens:,} tokens")
+    assert grown < 150, f"peak RSS grew by {grown:.0f} MB for 20 MB more text in one document"
