@@ -9,7 +9,9 @@ Every document is tokenized without special tokens and followed by EOS; the docu
 files form one stream that is cut into blocks of exactly seq_len (the remainder is dropped). The
 stream goes to a token file in cache_dir as it is tokenized (token_store.py: uint16 or uint32, one
 tokenizer batch in memory at a time) and training reads its blocks through a memory map, so the
-worker's RAM does not grow with the corpus. The files are named by a hash of the file contents,
+worker's RAM does not grow with the corpus. A document longer than _PIECE_CHARS goes to the
+tokenizer in pieces cut before whitespace (`_pieces`): the tokenizer's memory follows the text it
+is given, about 100 bytes a character. The files are named by a hash of the file contents,
 the data settings and the tokenizer, so a second run on the same corpus skips tokenizing; they are
 the training data, not a mere cache: a full disk while writing them stops the run with a message.
 """
