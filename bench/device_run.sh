@@ -20,11 +20,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench_out}
-mkdir -p "$OUT"
-START=$(date +%s)
 BUDGET_S=${BUDGET_S:-530}
-say() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
-left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+source bench/device_clock.sh
 
 main() {
 say "installing carried wheels"

@@ -22,11 +22,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/vs_unsloth_out}
-mkdir -p "$OUT"
-START=$(date +%s)
 BUDGET_S=${BUDGET_S:-560}
-say() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
-left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+source bench/device_clock.sh
 PY=${PYTHON:-python3}
 case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac   # we cd /tmp below
 SITE=${SITE:-/tmp/site}
