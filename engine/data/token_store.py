@@ -66,11 +66,11 @@ class TokenFileWriter:
 
 def _remove_dead_partials(path: Path) -> None:
     """What writers of the same file that were killed left (never a live process's)."""
-    import psutil
+    from ..runs.store import process_alive
 
     for partial in path.parent.glob(path.name + ".partial-*"):
         pid = partial.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             partial.unlink(missing_ok=True)
 
 
