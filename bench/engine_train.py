@@ -49,6 +49,7 @@ def run_config(args, batch: int, seq: int, device: torch.device):
     t.defer_head_grad = not args.eager_head_grad
     t.stream_in_compute_dtype = not args.fp32_stream
     t.free_frozen_embeddings = not args.keep_frozen_embeddings
+    t.unchecked_layers = args.unchecked_layers
     t.disabled_transforms = ["lora_groups"] if args.ungrouped_lora else []
     problems = validate(cfg)
     if problems:
@@ -120,6 +121,9 @@ def main() -> None:
                         help="training.stream_in_compute_dtype off")
     parser.add_argument("--keep-frozen-embeddings", action="store_true",
                         help="training.free_frozen_embeddings off")
+    parser.add_argument("--unchecked-layers", type=int, default=0,
+                        help="training.unchecked_layers (the last N decoder layers not "
+                             "checkpointed)")
     args = parser.parse_args()
     batch, seq = common.resolve_sizes(args)
     result = {"side": "engine", "shape": args.shape, "batch": batch, "seq": seq,

@@ -35,17 +35,16 @@ from transformers import AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained(model)
 start = time.perf_counter()
 if mode == "ceiling":      # the same pieces and batches as ours, tokenized and thrown away
-    from cpt_studio.engine.data.corpus import expand_corpus_paths, read_documents
-    from cpt_studio.engine.data.packing import _BATCH_CHARS, _BATCH_DOCS, _pieces
+    from cpt_studio.engine.data.corpus import expand_corpus_paths
+    from cpt_studio.engine.data.packing import _BATCH_CHARS, _BATCH_DOCS, document_pieces
     tokens, batch, chars = 0, [], 0
     for path in expand_corpus_paths([corpus]):
-        for doc in read_documents(path):
-            for text, _ in _pieces(doc):
-                batch.append(text)
-                chars += len(text)
-                if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
-                    tokens += sum(map(len, tokenizer(batch, add_special_tokens=False)["input_ids"]))
-                    batch, chars = [], 0
+        for text, _ in document_pieces(path):
+            batch.append(text)
+            chars += len(text)
+            if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
+                tokens += sum(map(len, tokenizer(batch, add_special_tokens=False)["input_ids"]))
+                batch, chars = [], 0
     if batch:
         tokens += sum(map(len, tokenizer(batch, add_special_tokens=False)["input_ids"]))
 else:

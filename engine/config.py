@@ -143,6 +143,12 @@ class TrainingConfig:
         True, "With kernels on, compute a fully trained lm_head's gradient after the layers' "
         "backward instead of in the loss's forward, so the vocab x hidden gradient does not sit in "
         "memory beside the layers' activations (one more lm_head matmul a step).")
+    unchecked_layers: int = option(
+        0, "With gradient checkpointing, run the last N decoder layers without it: their "
+        "activations stay in GPU memory until their backward instead of being recomputed there. "
+        "Spends spare GPU memory on speed: on a Llama-8B shape at 2 x 2048 tokens, 8 layers took "
+        "+3.9 GiB and gave +4% tokens/s (bench/RESULTS.md, 2026-12-06). The VRAM estimate "
+        "counts them. 0 = every layer checkpointed.", minimum=0, maximum=100_000)
     offload_checkpoints: str = option(
         "auto", "With gradient checkpointing, keep each layer's saved input in pinned CPU memory "
         "instead of GPU memory (layers x tokens x hidden x 2 bytes), copied back for the "

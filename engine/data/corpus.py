@@ -11,6 +11,11 @@ strings, or an object holding one such list), .csv, .parquet, and Hugging Face d
 (written by `Dataset.save_to_disk`; a DatasetDict folder gives its "train" split). The same text
 yields the same documents in every format. Every problem a user can cause is a CorpusError that
 names the file.
+
+Memory does not follow file size: a .txt/.md file is read, cleaned and handed on 1 MiB at a time
+(text_stream.py, `read_document_parts`), .jsonl and .csv a line at a time, a .json file over 64 MiB
+a record at a time (json_stream.py), .parquet and dataset folders a batch of rows at a time. A single
+record of the row formats is held whole.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from typing import Iterable, Iterator
 
 from ..errors import CorpusError, printable
 from .corpus_source import CorpusSource, is_inside, pick_text_column, row_values
+from . import json_stream
+from .text_stream import clean_chunks, utf8_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +237,8 @@ def clean_text(text: str) -> str:
 
 
 def read_documents(path: Path, text_column: str = "") -> Iterator[str]:
-    """Yield the cleaned, non-empty documents of one corpus file or dataset folder.
+    """Yield the cleaned, non-empty documents of one corpus file or dataset folder, each whole
+    (a .txt/.md document is its whole file: read_document_parts keeps that in parts).
 
     Args:
         path: a file with a supported suffix, or a Hugging Face dataset folder.
@@ -239,9 +247,33 @@ def read_documents(path: Path, text_column: str = "") -> Iterator[str]:
     Raises:
         CorpusError: the file is missing, binary, not UTF-8, malformed, or lacks the column.
     """
+    return ("".join(parts) for parts in read_document_parts(path, text_column))
+
+
+def read_document_parts(path: Path, text_column: str = "") -> Iterator[Iterator[str]]:
+    """The documents of read_documents, each as an iterator of its text in non-empty parts.
+
+    A .txt/.md file is read 1 MiB at a time and cleaned as it goes (text_stream.py), so a file of
+    any size (a 2 GB single line too) costs a chunk of memory; every other format yields a
+    record's text as one part (a record is held whole: JSON lines and CSV rows one at a time,
+    Parquet and dataset folders a batch of rows at a time). Consume each document's parts before
+    asking for the next document. Raises CorpusError as read_documents does (for a text file,
+    possibly while its parts are read).
+    """
     path = Path(path)
     source = _open_source(path, text_column)
-    return _clean_stream(path, source.values)
+    if source.whole_file:
+        parts = _stream_errors(path, clean_chunks(utf8_chunks(path, decode_utf8)))
+        first = next(parts, None)
+        return iter([chain([first], parts)] if first is not None else [])
+    return (iter((doc,)) for doc in _clean_stream(path, source.values))
+
+
+def _stream_errors(path: Path, parts: Iterator[str]) -> Iterator[str]:
+    try:
+        yield from parts
+    except OSError as exc:
+        raise CorpusError(f"Cannot read corpus file '{path}': {exc.strerror or exc}") from None
 
 
 def inspect_corpus_file(path: Path, text_column: str = "",
@@ -261,11 +293,12 @@ def inspect_corpus_file(path: Path, text_column: str = "",
     try:
         source = _open_source(path, text_column)
         info.columns, info.text_column = list(source.columns), source.column
-        for doc in _clean_stream(path, source.values):
-            if not info.documents:
-                info.preview = doc[:preview_chars]
+        for parts in read_document_parts(path, text_column):
+            for part in parts:
+                if len(info.preview) < preview_chars and not info.documents:
+                    info.preview += part[:preview_chars - len(info.preview)]
+                info.characters += len(part)
             info.documents += 1
-            info.characters += len(doc)
     except CorpusError as exc:
         info.error = str(exc)
     return info
@@ -311,8 +344,8 @@ def _open_source(path: Path, text_column: str) -> CorpusSource:
         if b"\x00" in head:
             raise CorpusError(f"Corpus file '{path}' is not text (found NUL bytes); remove it or "
                               "pick text files", "If it is UTF-16 text, re-save it as UTF-8.")
-        if fmt in ("txt", "md"):
-            return CorpusSource([], "", iter([decode_utf8(path.read_bytes(), path)]))
+        if fmt in ("txt", "md"):     # one document, the whole file: read_document_parts streams it
+            return CorpusSource([], "", iter(()), whole_file=True)
         if fmt == "json":
             return _open_json(path, text_column)
         if fmt == "jsonl":
@@ -355,6 +388,8 @@ def _jsonl_rows(path: Path) -> Iterator:
 
 
 def _open_json(path: Path, text_column: str) -> CorpusSource:
+    if path.stat().st_size > json_stream.STREAM_JSON_BYTES:     # parsed as it is read
+        return _open_rows(path, json_stream.json_list_items(path, decode_utf8), text_column)
     text = decode_utf8(path.read_bytes(), path).lstrip("\ufeff")
     try:
         data = json.loads(text)

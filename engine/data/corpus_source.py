@@ -28,6 +28,7 @@ class CorpusSource(NamedTuple):
     columns: list
     column: str
     values: Iterator      # raw values of the text column (str or None), before cleaning
+    whole_file: bool = False   # .txt/.md: the file is one document, streamed by the reader itself
 
 
 def row_values(path: Path, rows: Iterable, column: str | None) -> Iterator:

@@ -10,8 +10,9 @@ files form one stream that is cut into blocks of exactly seq_len (the remainder 
 stream goes to a token file in cache_dir as it is tokenized (token_store.py: uint16 or uint32, one
 tokenizer batch in memory at a time) and training reads its blocks through a memory map, so the
 worker's RAM does not grow with the corpus. A document longer than _PIECE_CHARS goes to the
-tokenizer in pieces cut before whitespace (`_pieces`): the tokenizer's memory follows the text it
-is given, about 100 bytes a character. The files are named by a hash of the file contents,
+tokenizer in pieces cut before whitespace (`document_pieces`): the tokenizer's memory follows the
+text it is given, about 100 bytes a character; a .txt/.md file is read and cleaned a chunk at a
+time (text_stream.py), so no size of file is ever held whole. The files are named by a hash of the file contents,
 the data settings and the tokenizer, so a second run on the same corpus skips tokenizing; they are
 the training data, not a mere cache: a full disk while writing them stops the run with a message.
 """
@@ -31,8 +32,9 @@ import numpy as np
 
 from ..atomic import file_sha256, write_bytes_atomic
 from ..config import DataConfig
-from .corpus import corpus_entry_files, corpus_size_bytes, expand_corpus_paths, read_documents
+from .corpus import corpus_entry_files, corpus_size_bytes, expand_corpus_paths, read_document_parts
 from ..errors import CorpusError, ModelSourceError, printable, write_error
+from .text_stream import cut_pieces
 from .token_store import TokenBlocks, TokenFileWriter, token_dtype
 
 logger = logging.getLogger(__name__)
@@ -193,8 +195,7 @@ def _tokenize(paths: list[Path], tokenizer, eos: int, text_column: str, tracker:
         size, read, batch, batch_chars = corpus_size_bytes(path), 0, [], 0
         message = f"Tokenizing {printable(path.name)}"
         tracker.update(size, 0, message, new_file=True)
-        pieces = chain.from_iterable(_pieces(doc) for doc in read_documents(path, text_column))
-        for piece in chain(pieces, [None]):
+        for piece in chain(document_pieces(path, text_column), [None]):
             if piece is not None:
                 batch.append(piece)
                 batch_chars += len(piece[0])
@@ -217,24 +218,12 @@ def _vocab_size(tokenizer) -> int:
                int(tokenizer.eos_token_id) + 1)
 
 
-def _pieces(doc: str, limit: int = _PIECE_CHARS):
-    """(text, ends the document) pieces of at most `limit` characters, each cut just before a
-    whitespace character where there is one: a tokenizer needs memory for the whole text it is
-    given (~100 bytes a character), so a 2 GB one-line document is fed to it a piece at a time.
-    Byte-level BPE tokenizers (GPT-2 style pre-tokenizers) never merge across the space a cut is
-    put before, so the ids are those of the whole document."""
-    start = 0
-    while len(doc) - start > limit:
-        cut = start + limit
-        for ws in (doc.rfind(c, start + 1, cut) for c in "\n "):
-            if ws > start:
-                while ws + 1 < len(doc) and doc[ws + 1].isspace():
-                    ws += 1          # before the last character of a run of whitespace
-                cut = ws
-                break
-        yield doc[start:cut], False
-        start = cut
-    yield doc[start:], True
+def document_pieces(path: Path, text_column: str = "", limit: int = _PIECE_CHARS):
+    """(text, ends the document) pieces of every document of one corpus file, in order: a
+    document of more than `limit` characters is cut before whitespace (text_stream.cut_pieces),
+    and a .txt/.md file is read a chunk at a time, so no piece or read holds a whole large file."""
+    for parts in read_document_parts(path, text_column):
+        yield from cut_pieces(parts, limit)
 
 
 def _encode(tokenizer, batch: list[tuple[str, bool]], eos: int) -> np.ndarray:

@@ -31,7 +31,8 @@ acts on. Terms (bytes):
   attention (no seq x seq score matrix is kept):
   `8 * hidden + 2 * kv_dim + 4 * intermediate` values (norm outputs, q/k/v, attention output,
   residuals, gate/up, activation, product) -> x batch x seq x layers. With gradient checkpointing
-  only each layer's input (hidden values) is kept, plus one layer's full set during recompute;
+  only each layer's input (hidden values) is kept, plus one layer's full set during recompute
+  (the plan's unchecked layers, the last N, keep their full set each);
   when the plan offloads checkpoints those inputs sit in CPU memory instead, but for the
   one prefetched back during the layer above's backward.
 - logits: batch x seq x vocab x 4 B (fp32 for the loss), x2 for their gradient; with the plan's
@@ -208,8 +209,10 @@ def estimate_vram(info: Any, cfg: RunConfig, plan: Plan | None = None) -> VramEs
     if plan.gradient_checkpointing:
         # Each layer's input is kept for the recompute, in CPU memory when offloaded; there the
         # next layer's input comes back during a layer's backward (prefetch): one input.
-        kept = 1 if plan.offload_checkpoints else shape["layers"]
-        per_token = shape["hidden"] * kept + per_layer
+        unchecked = min(plan.unchecked_layers, shape["layers"])
+        checked = shape["layers"] - unchecked
+        kept = min(1, checked) if plan.offload_checkpoints else checked
+        per_token = shape["hidden"] * kept + per_layer * (unchecked + (1 if checked else 0))
     else:
         per_token = per_layer * shape["layers"]
     activations = tokens * per_token * act_bytes

@@ -170,6 +170,18 @@ def _gradient_checkpointing(i: Inputs, d: dict) -> tuple[bool, str]:
     return bool(i.cfg.training.gradient_checkpointing), SET
 
 
+def _unchecked_layers(i: Inputs, d: dict) -> tuple[int, str]:
+    wanted = int(i.cfg.training.unchecked_layers)
+    if not wanted:
+        return 0, "every decoder layer checkpointed"
+    if not d["gradient_checkpointing"]:
+        return 0, "gradient checkpointing is off: every layer keeps its activations"
+    layers = int(getattr(i.info, "n_layers", 0) or 0)
+    if layers and wanted >= layers:
+        return layers, f"all {layers} layers: as good as gradient checkpointing off"
+    return wanted, "the last layers keep their activations (no recompute in the backward)"
+
+
 def _offload_checkpoints(i: Inputs, d: dict) -> tuple[bool, str]:
     mode = i.cfg.training.offload_checkpoints
     if not d["gradient_checkpointing"]:
@@ -203,6 +215,7 @@ RULES: dict[str, Rule] = {
     "gradient_checkpointing": _gradient_checkpointing,
     "offload_checkpoints": _offload_checkpoints,
     "defer_head_grad": _defer_head_grad,
+    "unchecked_layers": _unchecked_layers,
 }
 
 LABELS = {
@@ -210,7 +223,8 @@ LABELS = {
     "embedding_optimizer": "Embeddings optimizer", "lora_optimizer": "LoRA optimizer",
     "embedding_weights": "Trained embedding copies", "sparse_embedding_grad": "Sparse embed_tokens grad",
     "free_frozen_embeddings": "Free frozen originals", "stream_in_compute_dtype": "bf16 residual stream",
-    "gradient_checkpointing": "Gradient checkpointing", "offload_checkpoints": "Offload checkpoints",
+    "gradient_checkpointing": "Gradient checkpointing", "unchecked_layers": "Layers not checkpointed",
+    "offload_checkpoints": "Offload checkpoints",
     "defer_head_grad": "Deferred lm_head grad",
 }
 
@@ -232,6 +246,7 @@ class Plan:
     gradient_checkpointing: bool
     offload_checkpoints: bool      # checkpointed layer inputs in host memory
     defer_head_grad: bool          # a trained lm_head's gradient after the layers' backward
+    unchecked_layers: int = 0      # the last N decoder layers run without checkpointing
     model_type: str = ""           # from the model description ("llama", ...), "" when unknown
     why: dict = field(default_factory=dict, hash=False)   # decision name -> reason
     transforms: tuple = ()         # per-module speed transforms (engine/speed/registry.py)
@@ -276,7 +291,9 @@ class Plan:
     def from_dict(cls, data: dict) -> "Plan":
         """The Plan of `to_dict`. Raises ValueError when incomplete."""
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted((set(RULES) | {"device"}) - set(data))
+        optional = {f.name for f in dataclasses.fields(cls)
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+        missing = sorted((set(RULES) | {"device"}) - optional - set(data))
         if missing:
             raise ValueError(f"a plan needs {', '.join(missing)}")
         values = {k: v for k, v in data.items() if k in names}

@@ -163,8 +163,10 @@ def prepare_model(model, plan: Plan):
         weight.data = weight.data.to(torch.bfloat16)
     _trainable_to_fp32(model, keep=copies)
     model.config.use_cache = False
+    unchecked = []
     if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        unchecked = uncheck_last_layers(model, plan.unchecked_layers)
     surgery = apply_transforms(model, plan.transforms, defer_head_grad=plan.defer_head_grad)
     counts: dict[str, int] = {}
     for applied in surgery.applied:
@@ -178,8 +180,25 @@ def prepare_model(model, plan: Plan):
             "embedding_optimizer": plan.embedding_optimizer,
             "sparse_embedding_grad": bool(counts.get("sparse_embedding_grad")),
             "offloaded_layers": counts.get("offload_checkpoints", 0),
+            "unchecked_layers": len(unchecked),
             "defer_head_grad": bool(surgery.fused_loss and plan.defer_head_grad)}
     return surgery, done
+
+
+def uncheck_last_layers(model, n: int) -> list[str]:
+    """Gradient checkpointing off for the last `n` checkpointed decoder layers (transformers'
+    GradientCheckpointingLayer runs its plain forward when the flag is off), before the speed
+    transforms, so offloaded checkpointing leaves them alone. The last ones, because the backward
+    reaches them first: their activations are freed earliest. Returns their module names."""
+    if n <= 0:
+        return []
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing]
+    for _name, module in layers[-n:]:
+        module.gradient_checkpointing = False
+    return [name for name, _module in layers[-n:]]
 
 
 def describe_memory_setup(memory: dict) -> list[str]:
@@ -190,6 +209,8 @@ def describe_memory_setup(memory: dict) -> list[str]:
         lines.append("embed_tokens gradient: rows of the batch's tokens only")
     if memory.get("defer_head_grad"):
         lines.append("a trained lm_head's gradient computed after the layers' backward")
+    if memory.get("unchecked_layers"):
+        lines.append(f"the last {memory['unchecked_layers']} layers not checkpointed (no recompute)")
     if memory.get("offloaded_layers"):
         lines.append(f"checkpointed layer inputs in CPU memory ({memory['offloaded_layers']} layers)")
     return lines

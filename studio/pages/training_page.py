@@ -23,9 +23,10 @@ from cpt_studio.studio.pages.target_modules import TargetModulesBox
 
 YAML_FILTER = "YAML config (*.yaml *.yml);;All files (*)"
 # training.* fields shown in their own "Memory and speed" group, in this order
-MEMORY_FIELDS = ("gradient_checkpointing", "offload_checkpoints", "kernels", "embedding_optimizer",
-                 "embedding_weights", "lora_optimizer", "sparse_embedding_grad", "defer_head_grad",
-                 "stream_in_compute_dtype", "free_frozen_embeddings", "disabled_transforms")
+MEMORY_FIELDS = ("gradient_checkpointing", "unchecked_layers", "offload_checkpoints", "kernels",
+                 "embedding_optimizer", "embedding_weights", "lora_optimizer", "sparse_embedding_grad",
+                 "defer_head_grad", "stream_in_compute_dtype", "free_frozen_embeddings",
+                 "disabled_transforms")
 
 
 class TrainingPage(QWidget):

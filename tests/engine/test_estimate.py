@@ -83,6 +83,20 @@ def test_gradient_checkpointing_lowers_activations():
     assert kept.activations - on.activations == 31 * 4096 * 4096 * 2
 
 
+def test_each_unchecked_layer_adds_its_full_activations():
+    """training.unchecked_layers: the last N layers keep their whole set instead of their input."""
+    tokens, hidden = 4096, 4096
+    per_layer = 8 * hidden + 2 * 1024 + 4 * 14336           # values a token, Llama-8B shape
+    for offload in ("on", "off"):
+        base = estimate_vram(Info(), p1_config(offload_checkpoints=offload))
+        eight = estimate_vram(Info(), p1_config(offload_checkpoints=offload, unchecked_layers=8))
+        input_kept = 0 if offload == "on" else hidden         # an offloaded input costs no VRAM
+        assert eight.activations - base.activations == 8 * tokens * (per_layer - input_kept) * 2
+    every = estimate_vram(Info(), p1_config(unchecked_layers=99))
+    off = estimate_vram(Info(), p1_config(gradient_checkpointing=False))
+    assert every.activations == off.activations                # clamped to the 32 layers
+
+
 def test_batch_and_sequence_scale_activations_and_logits():
     small = estimate_vram(Info(), p1_config(batch_size=1, kernels="off"))
     big = estimate_vram(Info(), p1_config(batch_size=4, kernels="off"))

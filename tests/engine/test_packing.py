@@ -182,14 +182,15 @@ def test_a_long_document_is_tokenized_in_pieces_into_the_same_ids(tmp_path, tiny
     import random
 
     from cpt_studio.engine.data.corpus import read_documents
-    from cpt_studio.engine.data.packing import _PIECE_CHARS, _pieces
+    from cpt_studio.engine.data.packing import _PIECE_CHARS
+    from cpt_studio.engine.data.text_stream import cut_pieces
 
     rng = random.Random(3)
     words = ["la", "rapida", "bruna", "vulpo", "saltas", "super", "hundo", "123", "ĉiuj", "?!"]
     spaces = [" ", " ", " ", "  ", "\n", "\n\n", " \n", "\t"]
     text = "".join(rng.choice(words) + rng.choice(spaces) for _ in range(90_000))
     assert len(text) > 3 * _PIECE_CHARS
-    pieces = list(_pieces(text))
+    pieces = list(cut_pieces([text], _PIECE_CHARS))
     assert len(pieces) > 3 and "".join(p for p, _ in pieces) == text
     assert [ends for _, ends in pieces] == [False] * (len(pieces) - 1) + [True]
     (tmp_path / "corpus").mkdir()

@@ -226,3 +226,47 @@ def test_on_a_gpu_the_run_does_what_the_estimate_counted(tmp_path, tiny):
     loss = setup.loss_fn(setup.train_blocks[:2].cuda())
     loss.backward()
     assert torch.isfinite(loss) and copy.weight.grad.is_sparse
+
+
+def test_unchecked_layers_are_the_last_ones_and_train_the_same(tmp_path, tiny):
+    """training.unchecked_layers: the plan says how many and why, setup turns checkpointing off for
+    the last N decoder layers only, and a step gives the same loss and gradients (recompute or not,
+    the math is the same)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    ws = Workspace(tmp_path / "ws")
+    results = {}
+    for n in (0, 1):
+        setup = setup_training(tiny(unchecked_layers=n), ws, lambda e: None, CPU)
+        assert setup.plan.unchecked_layers == n
+        flags = [m.gradient_checkpointing for m in setup.model.modules()
+                 if isinstance(m, GradientCheckpointingLayer)]
+        assert flags == [True] * (len(flags) - n) + [False] * n
+        torch.manual_seed(0)
+        ids = torch.randint(0, 100, (2, 16))
+        setup.model.train()                  # checkpointing only runs in training mode
+        setup.model.zero_grad(set_to_none=True)
+        loss = setup.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[n] = (loss.item(), {k: p.grad.clone() for k, p in setup.model.named_parameters()
+                                    if p.grad is not None})
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert "the last 1 layers not checkpointed (no recompute)" in setup.memory_summary
+    lines = resolve(tiny(unchecked_layers=1), CPU, info_of(tiny())).lines()
+    assert "Layers not checkpointed: 1 — the last layers keep their activations (no recompute in " \
+           "the backward)" in lines
+
+
+def test_unchecked_layers_without_checkpointing_or_past_the_last_layer(tiny):
+    info = info_of(tiny())
+    off = resolve(tiny(gradient_checkpointing=False, unchecked_layers=3), CPU, info)
+    assert off.unchecked_layers == 0 and "checkpointing is off" in off.why["unchecked_layers"]
+    every = resolve(tiny(unchecked_layers=1000), CPU, info)
+    assert every.unchecked_layers == info.n_layers and "as good as" in every.why["unchecked_layers"]
+    # a plan saved before the setting existed still loads (0)
+    data = resolve(tiny(), CPU, info).to_dict()
+    del data["unchecked_layers"]
+    assert Plan.from_dict(data).unchecked_layers == 0
