@@ -239,6 +239,7 @@ def vs_unsloth_record(results: dict[str, dict], shape: str, date: str | None = N
         "ours_peak_gib": rounded(ours.get("peak_allocated_gib"), 3),
         "loss_diff_pct": round((ours["mean_loss_timed"] - base["mean_loss_timed"])
                                / base["mean_loss_timed"] * 100, 4),
+        "ours_args": ours.get("engine_args", ""),      # engine_train.py settings beyond the defaults
     }
     return record, ""
 
@@ -286,8 +287,12 @@ def compare(args, model: Path, clock: Clock) -> None:
     # baseline and ours always have a column (as before Unsloth was a side); Unsloth when asked.
     results = {side: {"side": side, "status": "not run"} for side in SIDES
                if side in args.sides or side != "unsloth"}
+    engine_args = args.engine_args.split()
     for i, side in enumerate(args.sides):
-        results[side] = run_side(side, model, args, clock, extra)
+        results[side] = run_side(side, model, args, clock,
+                                 extra + (engine_args if side == "engine" else []))
+        if side == "engine" and engine_args:
+            results[side]["engine_args"] = args.engine_args
         write_compare(args, results, show=i == len(args.sides) - 1)
     record_vs_unsloth(args, results)
     # Engine variants (e.g. "nooffload=--offload-checkpoints off") against the same other sides:
@@ -297,7 +302,7 @@ def compare(args, model: Path, clock: Clock) -> None:
         if clock.timeout() < 60:
             print(f"variant {name}: skipped, out of time budget")
             continue
-        result = run_side("engine", model, args, clock, extra + variant_args.split())
+        result = run_side("engine", model, args, clock, extra + engine_args + variant_args.split())
         result["variant"] = {"name": name, "args": variant_args}
         write_compare(args, {**{s: r for s, r in results.items() if s != "engine"},
                              "engine": result}, show=True, suffix=f"_{name}")
@@ -388,6 +393,9 @@ def main() -> None:
     parser.add_argument("--mem-cap-gib", type=float, default=None,
                         help="cap each side's CUDA allocator (GiB; default: 78 with --probe-seq, "
                              "about what an H100 80GB leaves after the CUDA context; else none)")
+    parser.add_argument("--engine-args", default="", metavar="ARGS",
+                        help="more engine_train.py arguments for our side (and its variants), as one "
+                             "string, e.g. '--unchecked-layers=8'; recorded in vs_unsloth.json")
     parser.add_argument("--engine-variants", nargs="*", default=[], metavar="NAME=ARGS",
                         help="extra engine runs against the same baseline, e.g. "
                              "'nooffload=--offload-checkpoints off'")

@@ -12,7 +12,8 @@
 # bench/results/vs_unsloth.json when all three ran. The device tool returns a few files: $OUT holds
 # device_vs_unsloth.log, compare_<shape>.{json,md} and vs_unsloth.json (copy that one to
 # bench/results/ here; compare.py wrote it). Env knobs: SHAPES ("p2 p1"), STEPS (20), WARMUP (3),
-# KERNELS (auto), BUDGET_S (560: the whole call), EXTRA (more compare.py arguments), PYTHON
+# KERNELS (auto), BUDGET_S (560: the whole call), EXTRA (more compare.py arguments), ENGINE_ARGS_P1,
+# ENGINE_ARGS_P2 (our side's settings for that shape, e.g. "--unchecked-layers=8"), PYTHON
 # (python3), SITE, SITE_UNSLOTH, CPTPATH (/tmp/site, /tmp/site_unsloth, /tmp/cptpath).
 # CPU check of this script (Unsloth's CPU backend, no 4-bit; .whl_unsloth must then hold wheels
 # for this machine's Python), e.g.:
@@ -56,6 +57,8 @@ print('unsloth', unsloth.__version__, '| unsloth_zoo', unsloth_zoo.__version__, 
       '| bitsandbytes', bitsandbytes.__version__, '| cpu backend', getattr(unsloth, '_IS_CPU_BACKEND', None))") \
     || say "WARNING: unsloth does not import (its side will say failed)"
 
+# Our side's settings beyond the defaults, per shape (recorded in vs_unsloth.json as ours_args).
+engine_args() { case $1 in p1) echo "${ENGINE_ARGS_P1:-}" ;; p2) echo "${ENGINE_ARGS_P2:-}" ;; *) echo "" ;; esac; }
 shapes=(${SHAPES:-p2 p1})
 last=${shapes[${#shapes[@]}-1]}
 for shape in "${shapes[@]}"; do
@@ -65,7 +68,8 @@ for shape in "${shapes[@]}"; do
     say "$shape (budget ${budget}s)"
     # shellcheck disable=SC2086
     "$PY" bench/compare.py --shape "$shape" --sides baseline,unsloth,engine --steps "${STEPS:-20}" \
-        --warmup "${WARMUP:-3}" --kernels "${KERNELS:-auto}" --out "$OUT" --budget-s "$budget" ${EXTRA:-}
+        --warmup "${WARMUP:-3}" --kernels "${KERNELS:-auto}" --out "$OUT" --budget-s "$budget" \
+        "--engine-args=$(engine_args "$shape")" ${EXTRA:-}
 done
 if [ bench/results/vs_unsloth.json -nt "$CPTPATH/.start" ]; then
     cp bench/results/vs_unsloth.json "$OUT/" && say "bench/results/vs_unsloth.json updated (in \$OUT)"

@@ -38,27 +38,29 @@ from .nf4_dequant import nf4_dequant
 
 
 def dequantize_4bit_weight(packed: torch.Tensor, quant_state, dtype: torch.dtype,
-                           backend: str = "auto") -> torch.Tensor:
+                           backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """The [out, in] weight of a bnb 4-bit layer in `dtype` (what bnb.functional.dequantize_4bit
     computes in quant_state.dtype, here straight into `dtype`: no extra cast kernel).
 
     Double quantization (quant_state.nested): the per-block absmax is itself 8-bit, blockwise over
     state2; it is rebuilt in fp32 first (one kernel) and the offset added (one more), as bnb does.
     NF4 where Triton runs (CUDA; the interpreter in the CPU tests) takes one launch for all of it.
+    `out`: a [out, in] matrix to write into (nf4_dequant's `out`: rows may lie further apart).
     """
     qs = quant_state
     if qs.quant_type == "nf4" and packed.dtype == torch.uint8 and use_triton(packed, backend):
         # one Triton launch instead of bitsandbytes' two (and the offset add): kernels/nf4_dequant.py
         nested = (qs.state2.absmax, qs.state2.code, qs.state2.blocksize, qs.offset) if qs.nested else None
-        return nf4_dequant(packed, qs.code, qs.absmax, qs.blocksize, qs.shape, dtype, nested)
+        return nf4_dequant(packed, qs.code, qs.absmax, qs.blocksize, qs.shape, dtype, nested, out=out)
     absmax = qs.absmax
     if qs.nested:
         s2 = qs.state2
         absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, s2.absmax, s2.code,
                                                                      s2.blocksize, torch.float32)
         absmax += qs.offset
-    return torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, qs.blocksize, qs.quant_type,
-                                                          qs.shape, dtype)
+    w = torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, qs.blocksize, qs.quant_type,
+                                                       qs.shape, dtype)
+    return w if out is None else out.copy_(w)
 
 
 def scaled_product(m1: torch.Tensor, m2: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:

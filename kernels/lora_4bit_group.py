@@ -9,6 +9,12 @@ the members (two full-size adds for three). As one function with A = [A_1; A_2; 
 stacked, [R, in]):
     forward:  h = x A^T                     [N, R]   one GEMM, x read once
               y_i = x W_i^T (+ b_i) + s h_i B_i^T    (h_i: h's columns of member i)
+                  = [x | h] [W_i | s B_i^(i)]^T       one GEMM of inner size in + R, no add
+    where B_i^(i) is B_i in member i's columns of h and zeros elsewhere: the weight is dequantized
+    straight into the left part of a [out_i, in + R] buffer (R padded to a multiple of 16 with
+    zero columns), so y_i is written once instead of written and then read and written again by a
+    separate add of the LoRA term (on a Llama-8B layer's gate/up at 2 x 2048 tokens, 235 MB read
+    and written less per pass, for 0.4-1.2% more GEMM work). [x | h] is what the backward keeps.
     backward: t_i = dy_i B_i, T = [t_1 | t_2 | t_3]  [N, R]
               dx = sum_i dy_i W_i + s T A             (addmm_ into one buffer, no adds)
               dA = s T^T x                  [R, in]  one GEMM, x read once; dA_i its rows
@@ -26,6 +32,8 @@ import torch
 from . import lora_4bit   # dequantize_4bit_weight through the module: one place to watch it
 from .lora_4bit import base_output, lora_4bit_linear_reference, scaled_product, without_autocast
 
+_ALIGN = 16   # xh's and each [W | B] buffer's row length, padded with zeros to a multiple of this
+
 
 class LoRA4bitGroupFunction(torch.autograd.Function):
     """y_1..y_n = x W_i^T (+ b_i) + s (x A_i^T) B_i^T for n 4-bit LoRA projections of one x.
@@ -39,25 +47,33 @@ class LoRA4bitGroupFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dtype, scaling, n, backend, *flat):
         members = [flat[5 * i:5 * i + 5] for i in range(n)]
-        lead = x.shape[:-1]
-        xc = x.reshape(-1, x.shape[-1]).to(dtype)                              # [N, in]
+        lead, k = x.shape[:-1], x.shape[-1]
         a = torch.cat([m[3] for m in members]).to(dtype)                       # [R, in]
         bs = [m[4].to(dtype) for m in members]                                 # [out_i, r_i]
-        h = torch.mm(xc, a.t())                                                # [N, R]
+        r_all = a.shape[0]
+        width = k + -(-r_all // _ALIGN) * _ALIGN                               # in + R, aligned
+        # xh = [x | h | 0]: each output is then one GEMM, xh [W_i | s B_i in h_i's columns]^T
+        xh = torch.empty((x.numel() // k, width), dtype=dtype, device=x.device)
+        xc = xh[:, :k]
+        xc.copy_(x.reshape(-1, k))                                             # [N, in]
+        xh[:, k:k + r_all] = torch.mm(xc, a.t())                               # h [N, R]
+        xh[:, k + r_all:].zero_()
         outputs, start = [], 0
         for (packed, qs, bias, lora_a, _), b in zip(members, bs):
-            w = lora_4bit.dequantize_4bit_weight(packed, qs, dtype, backend)   # [out_i, in]
-            y, y2 = base_output(xc, w, bias, lead)
-            del w
             r = lora_a.shape[0]
-            y2.addmm_(h[:, start:start + r], b.t(), alpha=scaling)
+            wb = torch.empty((b.shape[0], width), dtype=dtype, device=x.device)
+            lora_4bit.dequantize_4bit_weight(packed, qs, dtype, backend, out=wb[:, :k])
+            wb[:, k:].zero_()
+            torch.mul(b, scaling, out=wb[:, k + start:k + start + r])
+            y, _ = base_output(xh, wb, bias, lead)
+            del wb
             start += r
             outputs.append(y.to(x.dtype))
         ctx.members = [(packed, qs, lora_a.shape[0], lora_a.dtype, lora_b.dtype)
                        for packed, qs, _, lora_a, lora_b in members]
         ctx.scaling, ctx.x_meta, ctx.backend = scaling, (x.dtype, x.shape), backend
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(xc, h, a, *bs)
+        ctx.save_for_backward(xh, a, *bs)
         return tuple(outputs)
 
     @staticmethod
@@ -69,7 +85,9 @@ class LoRA4bitGroupFunction(torch.autograd.Function):
 
 
 def _group_backward(ctx, douts):
-    xc, h, a, *bs = ctx.saved_tensors
+    xh, a, *bs = ctx.saved_tensors
+    k = ctx.x_meta[1][-1]
+    xc, h = xh[:, :k], xh[:, k:k + a.shape[0]]
     s, (x_dtype, x_shape) = ctx.scaling, ctx.x_meta
     needs = ctx.needs_input_grad
     n = len(ctx.members)

@@ -29,11 +29,13 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _nf4_dequant_kernel(PACKED, CODE, ABSMAX, ABSMAX2, CODE2, OFFSET, OUT, n, n_blocks,
+                            row_len, out_ld,
                             NESTED: tl.constexpr, TO_BF16: tl.constexpr, BS: tl.constexpr,
-                            BS2: tl.constexpr, ROWS: tl.constexpr):
+                            BS2: tl.constexpr, ROWS: tl.constexpr, STRIDED: tl.constexpr):
         """One program: ROWS scale blocks as a [ROWS, BS] tile. Each scale is decoded once per
         block (not per element), each byte is loaded once and gives two elements; the block
-        sizes are constants, so no integer division is left per element."""
+        sizes are constants, so no integer division is left per element. STRIDED: the weight's
+        rows (row_len elements, a multiple of BS) go out out_ld elements apart."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)            # [ROWS]
         row_ok = rows < n_blocks
         byte_offs = rows[:, None] * (BS // 2) + tl.arange(0, BS // 2)[None, :]      # [ROWS, BS/2]
@@ -53,7 +55,12 @@ if TRITON_AVAILABLE:
             bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
             w = bits.to(tl.float32, bitcast=True)
         offs = rows[:, None] * BS + tl.arange(0, BS)[None, :]
-        tl.store(OUT + offs, w.to(OUT.dtype.element_ty), mask=offs < n)
+        mask = offs < n
+        if STRIDED:   # a block never crosses a row: one division per block
+            first = rows * BS
+            row = first // row_len
+            offs = (row * out_ld + (first - row * row_len))[:, None] + tl.arange(0, BS)[None, :]
+        tl.store(OUT + offs, w.to(OUT.dtype.element_ty), mask=mask)
 
 
 def nf4_dequant_reference(packed, code, absmax, blocksize, shape, dtype, nested=None) -> torch.Tensor:
@@ -70,22 +77,33 @@ def nf4_dequant_reference(packed, code, absmax, blocksize, shape, dtype, nested=
 
 
 def nf4_dequant(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
-                shape, dtype: torch.dtype, nested=None, backend: str = "auto") -> torch.Tensor:
+                shape, dtype: torch.dtype, nested=None, backend: str = "auto",
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """The [*shape] weight in `dtype` from bitsandbytes' NF4 layout (see the module docstring).
 
     Args:
         packed: uint8, two codes a byte. code: fp32 [16]. absmax: fp32 scales, or uint8 codes of
             them when `nested` = (absmax2 fp32, code2 fp32 [256], blocksize2, offset 0-d tensor).
         blocksize: elements per scale. backend: "auto" | "triton" | "torch".
+        out: where to write a 2-D weight instead of a new tensor: [rows, cols] of `dtype`, rows
+            possibly further apart than cols (a column slice of a wider buffer), cols contiguous.
     """
     n = int(torch.Size(shape).numel())
     if packed.numel() * 2 < n or absmax.numel() * blocksize < n:
         raise ValueError(f"NF4 data of {packed.numel()} bytes and {absmax.numel()} scales of "
                          f"{blocksize} cannot hold a weight of shape {tuple(shape)}")
     power_of_two = blocksize >= 2 and blocksize & (blocksize - 1) == 0
-    if not use_triton(packed, backend) or not power_of_two:   # bitsandbytes' are powers of two
-        return nf4_dequant_reference(packed, code, absmax, blocksize, shape, dtype, nested)
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.dim() != 2
+                            or out.stride(1) != 1):
+        raise ValueError(f"out must be a [{', '.join(map(str, shape))}] {dtype} matrix with "
+                         f"contiguous rows, got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    strided = out is not None and out.stride(0) != out.shape[1]
+    if not use_triton(packed, backend) or not power_of_two or (strided and out.shape[1] % blocksize):
+        # bitsandbytes' block sizes are powers of two; rows that split a block: dequantize, copy
+        w = nf4_dequant_reference(packed, code, absmax, blocksize, shape, dtype, nested)
+        return w if out is None else out.copy_(w)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
     if nested is not None:
         absmax2, code2, blocksize2, offset = nested
         offset = torch.as_tensor(offset, dtype=torch.float32, device=packed.device).reshape(1)
@@ -94,6 +112,7 @@ def nf4_dequant(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, 
     n_blocks, rows = triton.cdiv(n, blocksize), max(1, _TILE // blocksize)
     _nf4_dequant_kernel[(triton.cdiv(n_blocks, rows),)](
         packed, code, absmax, absmax2, code2, offset, out, n, n_blocks,
+        out.shape[-1] if strided else 1, out.stride(0) if strided else 1,
         NESTED=nested is not None, TO_BF16=dtype == torch.bfloat16, BS=blocksize, BS2=blocksize2,
-        ROWS=rows, num_warps=4)
+        ROWS=rows, STRIDED=strided, num_warps=4)
     return out

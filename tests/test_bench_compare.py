@@ -16,7 +16,8 @@ import compare  # noqa: E402
 import unsloth_train  # noqa: E402
 
 RECORD_KEYS = {"shape", "card", "date", "unsloth_version", "baseline_tok_s", "unsloth_tok_s",
-               "ours_tok_s", "unsloth_peak_gib", "ours_peak_gib", "loss_diff_pct"}
+               "ours_tok_s", "unsloth_peak_gib", "ours_peak_gib", "loss_diff_pct",
+               "ours_args"}   # the keys, and our side's settings beyond the defaults
 
 
 def side(name, tok_s, peak, loss, card="NVIDIA H100 80GB HBM3", sha="abc", **extra):
@@ -61,6 +62,7 @@ def test_a_record_from_three_sides_that_ran_ok():
         (24000.0, 40000.0, 36000.0)
     assert (record["unsloth_peak_gib"], record["ours_peak_gib"]) == (5.21, 3.74)
     assert record["loss_diff_pct"] == pytest.approx(0.05)   # ours vs the baseline, in percent
+    assert record["ours_args"] == ""
 
 
 @pytest.mark.parametrize("results", [

@@ -49,3 +49,23 @@ def test_a_layout_too_small_for_the_shape_is_refused():
     _, packed, qs, _ = _quantized((6, 64), False, "cpu")
     with pytest.raises(ValueError, match="cannot hold a weight of shape"):
         nf4_dequant(packed, qs.code, qs.absmax, qs.blocksize, (12, 64), torch.float32, None)
+
+
+@pytest.mark.parametrize("dev,shape,nested,dtype,extra_cols", on_devices(
+    [((6, 128), True, torch.bfloat16, 48), ((5, 64), False, torch.float32, 16),
+     ((7, 50), True, torch.bfloat16, 14)],           # 50: rows split a scale block (copied)
+    [((4096, 4096), True, torch.bfloat16, 48), ((1024, 2048), True, torch.bfloat16, 16)]),
+    indirect=["dev"])
+def test_into_the_left_columns_of_a_wider_buffer(dev, shape, nested, dtype, extra_cols):
+    """out= a column slice of a [rows, cols + extra] buffer (kernels/lora_4bit_group.py's [W | B]):
+    the same values as a new tensor, and the columns right of it untouched."""
+    _, packed, qs, extra = _quantized(shape, nested, dev)
+    whole = nf4_dequant(packed, qs.code, qs.absmax, qs.blocksize, qs.shape, dtype, extra, backend="triton")
+    buffer = torch.full((shape[0], shape[1] + extra_cols), 7.0, dtype=dtype, device=dev)
+    got = nf4_dequant(packed, qs.code, qs.absmax, qs.blocksize, qs.shape, dtype, extra,
+                      backend="triton", out=buffer[:, :shape[1]])
+    assert got.data_ptr() == buffer.data_ptr() and torch.equal(buffer[:, :shape[1]], whole)
+    assert (buffer[:, shape[1]:] == 7.0).all()
+    with pytest.raises(ValueError, match="contiguous rows"):   # one column short
+        nf4_dequant(packed, qs.code, qs.absmax, qs.blocksize, qs.shape, dtype, extra,
+                    out=buffer[:, :shape[1] - 1])
