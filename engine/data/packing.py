@@ -15,6 +15,9 @@ text it is given, about 100 bytes a character; a .txt/.md file is read and clean
 time (text_stream.py), so no size of file is ever held whole. The files are named by a hash of the file contents,
 the data settings and the tokenizer, so a second run on the same corpus skips tokenizing; they are
 the training data, not a mere cache: a full disk while writing them stops the run with a message.
+Tokenizing records a checkpoint at most every _CHECKPOINT_S seconds (token_store.py): a run stopped
+or killed while tokenizing leaves its partial file, and the next run on the same corpus and
+tokenizer goes on from the last checkpoint instead of from the start.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, islice
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -45,6 +48,7 @@ _BATCH_DOCS = 256                   # documents per tokenizer call
 _BATCH_CHARS = 1_000_000            # ... or this many characters, whichever comes first
 _PIECE_CHARS = 100_000              # longer documents go to the tokenizer in pieces this long
 _REPORT_STEP = 0.02                 # report progress at least every 2 %
+_CHECKPOINT_S = 30.0                # a stopped or killed tokenizing loses at most this much work
 
 Progress = Callable[[float, str], None]
 
@@ -171,12 +175,17 @@ class _Tracker:
 def _tokenize_to_file(paths: list[Path], tokenizer, eos: int, text_column: str, tracker: _Tracker,
                       out: Path, vocab: int) -> tuple[int, dict]:
     """Tokenize the files into one token file at `out` (EOS after every document), a batch of
-    documents at a time; returns (tokens written, document counts). Nothing is left at `out` (or
-    in a partial file) when it fails."""
+    documents at a time; returns (tokens written, document counts). A stop (KeyboardInterrupt:
+    the run's StopNow, Ctrl+C) or a kill leaves the partial file and its last checkpoint, and the
+    next call with the same files and settings (the same `out`) goes on from there; any other
+    failure leaves nothing at `out` or beside it."""
     writer = TokenFileWriter(out, vocab)
     try:
-        counts = _tokenize(paths, tokenizer, eos, text_column, tracker, writer.append)
+        counts = _tokenize(paths, tokenizer, eos, text_column, tracker, writer)
         return writer.finish(), counts
+    except KeyboardInterrupt:
+        writer.suspend()
+        raise
     except BaseException as exc:
         error = write_error(exc, "the tokenized corpus", out.parent,
                             "start again (the corpus is tokenized again)") \
@@ -187,25 +196,43 @@ def _tokenize_to_file(paths: list[Path], tokenizer, eos: int, text_column: str, 
         raise error from exc
 
 
-def _tokenize(paths: list[Path], tokenizer, eos: int, text_column: str, tracker: _Tracker, sink):
-    """Feed the int32 token ids of the files (EOS after every document) to `sink`, a tokenizer
-    batch at a time; returns the document counts."""
-    counts = {"documents": 0, "characters": 0}
-    for path in paths:
-        size, read, batch, batch_chars = corpus_size_bytes(path), 0, [], 0
+def _tokenize(paths: list[Path], tokenizer, eos: int, text_column: str, tracker: _Tracker,
+              writer: TokenFileWriter) -> dict:
+    """Append the token ids of the files (EOS after every document) to `writer`, a tokenizer batch
+    at a time, with a checkpoint at most every _CHECKPOINT_S seconds; from where `writer.resumed`
+    says when it took over a stopped writer's file. Returns the document counts."""
+    at = writer.resumed or {"file": 0, "pieces": 0, "read": 0, "documents": 0, "characters": 0}
+    counts = {"documents": at["documents"], "characters": at["characters"]}
+    last_checkpoint = time.monotonic()
+    for index, path in enumerate(paths):
+        size = corpus_size_bytes(path)
+        if index < at["file"]:
+            tracker.done += size
+            continue
+        skip = at["pieces"] if index == at["file"] else 0
+        read = at["read"] if index == at["file"] else 0
+        pieces, batch, batch_chars = skip, [], 0
         message = f"Tokenizing {printable(path.name)}"
-        tracker.update(size, 0, message, new_file=True)
-        for piece in chain(document_pieces(path, text_column), [None]):
+        if writer.resumed is not None and index == at["file"]:
+            tracker.update(size, read, f"Resuming where tokenizing stopped "
+                                       f"({writer.n_tokens:,} tokens kept)", new_file=True)
+        else:
+            tracker.update(size, 0, message, new_file=True)
+        for piece in chain(islice(document_pieces(path, text_column), skip, None), [None]):
             if piece is not None:
                 batch.append(piece)
                 batch_chars += len(piece[0])
             if batch and (piece is None or len(batch) >= _BATCH_DOCS or batch_chars >= _BATCH_CHARS):
-                sink(_encode(tokenizer, batch, eos))
+                writer.append(_encode(tokenizer, batch, eos))
+                pieces += len(batch)
                 counts["documents"] += sum(ends for _, ends in batch)
                 counts["characters"] += batch_chars
                 read += sum(len(text.encode("utf-8")) for text, _ in batch)
                 tracker.update(size, read, message)
                 batch, batch_chars = [], 0
+                if time.monotonic() - last_checkpoint >= _CHECKPOINT_S:
+                    writer.checkpoint({"file": index, "pieces": pieces, "read": read, **counts})
+                    last_checkpoint = time.monotonic()
         tracker.done += size
         if not read:
             logger.warning("Corpus file %s holds no text; skipped", printable(str(path)))

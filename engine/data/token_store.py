@@ -15,6 +15,7 @@ in-memory packer of PACKING_VERSION 1 cut; `rows` picks and orders the blocks of
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -31,16 +32,47 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class TokenFileWriter:
-    """Appends token ids to `<path>.partial`; `finish` makes it `<path>`, whole or not at all."""
+    """Appends token ids to `<path>.partial-<pid>`; `finish` makes it `<path>`, whole or not at all.
+
+    Resumable: `checkpoint(position)` makes what was written so far durable and records it, with
+    the caller's `position` (where its input stood), in `<partial>.json`. A writer of the same path
+    that finds the partial file of a process that is gone (killed, or stopped through `suspend`)
+    with such a record takes it over: the file is cut back to the recorded tokens and `resumed`
+    holds that position (None when it starts from nothing). A partial without a record is removed.
+    """
 
     def __init__(self, path: Path, vocab_size: int):
         self.path = Path(path)
         self.dtype = token_dtype(vocab_size)
         self.partial = self.path.with_name(self.path.name + f".partial-{os.getpid()}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_dead_partials(self.path)
-        self._file = open(self.partial, "wb")
-        self.n_tokens = 0
+        self.resumed, self.n_tokens = _take_over_partial(self.path, self.partial, self.dtype)
+        if self.resumed is None:
+            self._file = open(self.partial, "wb")
+        else:
+            self._file = open(self.partial, "r+b")
+            self._file.truncate(self.n_tokens * self.dtype.itemsize)
+            self._file.seek(0, os.SEEK_END)
+
+    @property
+    def record(self) -> Path:
+        return _record_of(self.partial)
+
+    def checkpoint(self, position: dict) -> None:
+        """What was appended is on disk (fsynced) and `position` recorded beside it."""
+        from ..atomic import write_bytes_atomic
+
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        write_bytes_atomic(self.record, json.dumps({"tokens": self.n_tokens, "dtype": self.dtype.name,
+                                                    "position": position}).encode())
+
+    def suspend(self) -> None:
+        """Stop writing and leave the partial file and its last checkpoint for a later writer."""
+        if not self._file.closed:
+            self._file.close()
+        if not self.record.is_file():
+            self.partial.unlink(missing_ok=True)
 
     def append(self, ids: np.ndarray) -> None:
         if len(ids) == 0:
@@ -56,22 +88,56 @@ class TokenFileWriter:
         self._file.close()
         os.replace(self.partial, self.path)
         fsync_dir(self.path.parent)
+        self.record.unlink(missing_ok=True)
         return self.n_tokens
 
     def discard(self) -> None:
         if not self._file.closed:
             self._file.close()
         self.partial.unlink(missing_ok=True)
+        self.record.unlink(missing_ok=True)
 
 
-def _remove_dead_partials(path: Path) -> None:
-    """What writers of the same file that were killed left (never a live process's)."""
+def _record_of(partial: Path) -> Path:
+    return partial.with_name(partial.name + ".json")
+
+
+def _take_over_partial(path: Path, own: Path, dtype: np.dtype) -> tuple[Optional[dict], int]:
+    """(position, tokens) of a gone writer's partial of `path` now renamed to `own`, or (None, 0).
+    Partials of gone writers that cannot be resumed are removed; a live process's are left alone."""
     from ..runs.store import process_alive
 
+    found: list[tuple[int, Path, dict]] = []
     for partial in path.parent.glob(path.name + ".partial-*"):
         pid = partial.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+        if not pid.isdigit() or (int(pid) != os.getpid() and process_alive(int(pid))):
+            continue                               # a record file, or a live writer's
+        try:
+            record = json.loads(_record_of(partial).read_text("utf-8"))
+            tokens = int(record["tokens"])
+            usable = (record.get("dtype") == dtype.name and isinstance(record.get("position"), dict)
+                      and 0 <= tokens * dtype.itemsize <= partial.stat().st_size)
+        except (OSError, ValueError, KeyError, TypeError):
+            usable = False
+        if usable:
+            found.append((tokens, partial, record["position"]))
+        else:
             partial.unlink(missing_ok=True)
+            _record_of(partial).unlink(missing_ok=True)
+    found.sort(key=lambda item: -item[0])          # the furthest one; the others go
+    for _tokens, partial, _position in found[1:]:
+        partial.unlink(missing_ok=True)
+        _record_of(partial).unlink(missing_ok=True)
+    if not found:
+        return None, 0
+    tokens, partial, position = found[0]
+    try:
+        if partial != own:
+            os.replace(_record_of(partial), _record_of(own))
+            os.replace(partial, own)
+    except OSError:                                # another writer took it first
+        return None, 0
+    return position, tokens
 
 
 class TokenBlocks:

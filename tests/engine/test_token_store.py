@@ -126,12 +126,13 @@ def test_the_workers_memory_does_not_grow_with_the_corpus(tmp_path):
 @pytest.mark.slow
 def test_one_long_document_costs_the_tokenizer_a_piece_not_the_document(tmp_path):
     """One 4 MB and one 24 MB document: a tokenizer given a whole document needs ~100 bytes a
-    character (about 2 GB more here); given pieces of _PIECE_CHARS, a constant. What still grows
-    is the reader's copy of the document's text (a few bytes a character)."""
+    character (about 2 GB more here); given pieces of _PIECE_CHARS, a constant. The reader streams
+    the file (text_stream.py), so nothing grows with the document (measured on this 2-core
+    machine: +10 MB)."""
     small_mb, small_tokens = _peak_rss_mb(tmp_path, 4, one_document=True)
     large_mb, large_tokens = _peak_rss_mb(tmp_path, 24, one_document=True)
     assert large_tokens > 5 * small_tokens
     grown = large_mb - small_mb
     print(f"peak RSS {small_mb:.0f} MB -> {large_mb:.0f} MB (+{grown:.0f} MB) for one document "
           f"of {small_tokens:,} -> {large_tokens:,} tokens")
-    assert grown < 150, f"peak RSS grew by {grown:.0f} MB for 20 MB more text in one document"
+    assert grown < 50, f"peak RSS grew by {grown:.0f} MB for 20 MB more text in one document"
