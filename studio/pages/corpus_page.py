@@ -8,6 +8,7 @@ With no training files the embedded sample corpus is used, and shown as its own 
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from PySide6.QtCore import Qt
@@ -20,7 +21,8 @@ from cpt_studio.studio.background_tasks import BackgroundTasks
 from cpt_studio.studio.config_form import ERROR_COLOR, ConfigForm
 from cpt_studio.studio.pages.corpus_table import CorpusTable
 from cpt_studio.studio.pages.corpus_widgets import (FILE_FILTER, EntrySummary, PathList,
-                                                    count_tokens, inspect_entry)
+                                                    corpus_totals, count_tokens, inspect_entry,
+                                                    totals_text)
 
 SAMPLE_KEY = "(sample corpus)"
 SAMPLE_LABEL = "Sample corpus (Esperanto)"
@@ -68,6 +70,9 @@ class CorpusPage(QWidget):
         files_box.setToolTip(field_help("data", "train_files"))
         files_layout = QVBoxLayout(files_box)
         files_layout.addWidget(self.table)
+        self.totals_label = QLabel("")
+        self.totals_label.setWordWrap(True)
+        files_layout.addWidget(self.totals_label)
         files_layout.addLayout(buttons)
         self.preview = QPlainTextEdit()
         self.preview.setReadOnly(True)
@@ -90,6 +95,11 @@ class CorpusPage(QWidget):
         self.count_button.setToolTip("Tokenize the corpus with the model's tokenizer and pack it "
                                      "into blocks (cached: training reuses it).")
         self.count_button.clicked.connect(self.count_tokens)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setToolTip("Stop counting; counting again goes on from where it stopped.")
+        self.stop_button.clicked.connect(self.stop_counting)
+        self.stop_button.hide()
+        self._count_stop = threading.Event()
         self.count_progress = QProgressBar()
         self.count_progress.setRange(0, 1000)
         self.count_progress.hide()
@@ -98,7 +108,11 @@ class CorpusPage(QWidget):
         self.count_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
         count_box = QGroupBox("Tokens")
         count_layout = QVBoxLayout(count_box)
-        count_layout.addWidget(self.count_button, 0, Qt.AlignLeft)
+        count_buttons = QHBoxLayout()
+        count_buttons.addWidget(self.count_button)
+        count_buttons.addWidget(self.stop_button)
+        count_buttons.addStretch(1)
+        count_layout.addLayout(count_buttons)
         count_layout.addWidget(self.count_progress)
         count_layout.addWidget(self.count_label)
 
@@ -184,6 +198,11 @@ class CorpusPage(QWidget):
         rows = [(label, paths, self.summaries.get(key, ("", None))[1])
                 for key, label, paths in self.entries()]
         self.table.show_rows(rows, self.state.config.data.text_column)
+        done = [summary for _label, _paths, summary in rows if summary is not None]
+        waiting = len(rows) - len(done)
+        ratio = (self.token_stats or {}).get("tokens_per_char")
+        text = totals_text(corpus_totals(done), ratio) if done else ""
+        self.totals_label.setText(text + (f" · inspecting {waiting} more…" if waiting else ""))
 
     def _on_column_chosen(self, column: str) -> None:
         self.state.set_field("data", "text_column", column)
@@ -209,11 +228,15 @@ class CorpusPage(QWidget):
             self._fill_table()
             self._show_preview()
         elif tag == "tokens":
-            self.count_progress.hide()
-            self.count_button.setEnabled(True)
-            self.token_stats = dict(result, _config=self._count_key())
+            self._count_ended()
             self.count_label.setStyleSheet("")
+            if result.get("stopped"):
+                self.count_label.setText(f"Stopped at {result['fraction']:.0%}. Count again to go on "
+                                         "from there (the tokens so far are kept).")
+                return
+            self.token_stats = dict(result, _config=self._count_key())
             self.count_label.setText(self._stats_text(result))
+            self._fill_table()          # the estimate now uses this corpus's tokens per character
 
     def _on_task_failed(self, tag: str, exc) -> None:
         text = str(exc) if isinstance(exc, CptError) else f"{type(exc).__name__}: {exc}"
@@ -221,8 +244,7 @@ class CorpusPage(QWidget):
             key = tag.split(":", 1)[1]
             self._on_task_finished(tag, EntrySummary([key], error=text))
             return
-        self.count_progress.hide()
-        self.count_button.setEnabled(True)
+        self._count_ended()
         self.token_stats = None
         self.count_label.setStyleSheet(f"color: {ERROR_COLOR};")
         self.count_label.setText(text)
@@ -230,7 +252,7 @@ class CorpusPage(QWidget):
     def _on_progress(self, tag: str, fraction: float, message: str) -> None:
         if tag == "tokens":
             self.count_progress.setValue(int(fraction * 1000))
-            if message:
+            if message and not self._count_stop.is_set():
                 self.count_label.setText(message)
 
     # ---- token count --------------------------------------------------------------------
@@ -243,6 +265,9 @@ class CorpusPage(QWidget):
         cfg = self.state.config
         resolved = getattr(self.state, "resolved_model", None)
         self.count_button.setEnabled(False)
+        self._count_stop = threading.Event()
+        self.stop_button.setEnabled(True)
+        self.stop_button.show()
         self.count_progress.setValue(0)
         self.count_progress.show()
         self.count_label.setStyleSheet("")
@@ -250,7 +275,18 @@ class CorpusPage(QWidget):
         ws = self.state.workspace
         self.tasks.submit("tokens", count_tokens, cfg.data, cfg.model.source,
                           cfg.model.trust_remote_code, ws.models_dir, ws.cache_dir, resolved,
-                          with_progress=True)
+                          with_progress=True, stop=self._count_stop)
+
+    def stop_counting(self) -> None:
+        """Ask the running count to stop at its next progress report (within a batch)."""
+        self._count_stop.set()
+        self.stop_button.setEnabled(False)
+        self.count_label.setText("Stopping…")
+
+    def _count_ended(self) -> None:
+        self.count_progress.hide()
+        self.stop_button.hide()
+        self.count_button.setEnabled(True)
 
     @staticmethod
     def _stats_text(stats: dict) -> str:

@@ -78,9 +78,15 @@ def inspect_entry(paths: list[str], text_column: str = "") -> EntrySummary:
     return summary
 
 
+class CountStopped(KeyboardInterrupt):
+    """Raised inside the tokenizing when the user stops a count: the token file keeps its last
+    checkpoint (engine/data/token_store.py), so counting again goes on from there."""
+
+
 def count_tokens(data_cfg, source: str, trust_remote_code: bool, models_dir: Path,
-                 cache_dir: Path, resolved=None, progress=None) -> dict:
-    """Worker job: tokenize and pack the corpus with the model's tokenizer; returns the stats.
+                 cache_dir: Path, resolved=None, progress=None, stop=None) -> dict:
+    """Worker job: tokenize and pack the corpus with the model's tokenizer; returns the stats,
+    or {"stopped": True, "fraction": ...} when `stop` (a threading.Event) was set meanwhile.
 
     The packed result is cached, so a training run on the same corpus and settings reuses it.
     """
@@ -100,8 +106,41 @@ def count_tokens(data_cfg, source: str, trust_remote_code: bool, models_dir: Pat
         from cpt_studio.engine.errors import ModelSourceError
         raise ModelSourceError(f"Cannot load the tokenizer of {resolved.model_path}: {exc}",
                                "Pick a model folder that holds its tokenizer files.") from None
-    data = build_packed_data(data_cfg, tokenizer, cache_dir, progress)
+    reached = [0.0]
+
+    def report(fraction, message=""):
+        reached[0] = fraction
+        if stop is not None and stop.is_set():
+            raise CountStopped()
+        if progress:
+            progress(fraction, message)
+    try:
+        data = build_packed_data(data_cfg, tokenizer, cache_dir, report)
+    except CountStopped:
+        return {"stopped": True, "fraction": reached[0]}
     return dict(data.stats)
+
+
+CHARS_PER_TOKEN = 4.0   # a rough figure for BPE tokenizers on prose (about 0.25 tokens a character)
+
+
+def corpus_totals(summaries: list) -> dict:
+    """Files, bytes, documents and characters over the inspected entries (EntrySummary each)."""
+    files = [f for s in summaries for f in s.files if not f.error]
+    return {"files": len(files), "bytes": sum(f.size_bytes for f in files),
+            "documents": sum(f.documents for f in files),
+            "characters": sum(f.characters for f in files)}
+
+
+def totals_text(totals: dict, tokens_per_char: float | None = None) -> str:
+    """"22 files · 74.3 KB · 22 documents · 73,512 characters · about 18,000 tokens (estimate)"."""
+    ratio, how = (tokens_per_char, "at the last count's ratio") if tokens_per_char else \
+        (1 / CHARS_PER_TOKEN, f"at ~{CHARS_PER_TOKEN:.0f} characters a token")
+    tokens = totals["characters"] * ratio
+    rounded = int(float(f"{tokens:.2g}")) if tokens >= 100 else round(tokens)
+    return (f"{totals['files']:,} file{'s' if totals['files'] != 1 else ''} · "
+            f"{format_size(totals['bytes'])} · {totals['documents']:,} documents · "
+            f"{totals['characters']:,} characters · about {rounded:,} tokens ({how})")
 
 
 def format_size(n: int) -> str:

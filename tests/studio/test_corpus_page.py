@@ -124,3 +124,28 @@ def test_count_tokens_uses_the_model_tokenizer(qtbot, page, tiny_model_dir):
     assert page.token_stats["tokens"] > 0
     page.state.set_field("data", "seq_len", 128)
     assert "count again" in page.count_label.text()
+
+
+def test_totals_give_size_documents_and_a_token_estimate(qtbot, page, jsonl, tmp_path):
+    page.add_paths([str(jsonl)])
+    wait_inspected(qtbot, page)
+    chars = sum(len(f"Dokumento numero {i}. " * 20) - 1 for i in range(7))   # trailing space cleaned
+    text = page.totals_label.text()
+    assert text.startswith(f"1 file · {jsonl.stat().st_size / 1024:.1f} KB · 7 documents · "
+                           f"{chars:,} characters · about "), text
+    assert "characters a token" in text                    # not counted: the rough ratio
+
+
+def test_a_count_can_be_stopped_and_started_again(qtbot, page, tiny_model_dir):
+    page.state.resolved_model = SimpleNamespace(model_path=str(tiny_model_dir("llama")))
+    page.state.set_field("data", "seq_len", 64)
+    page.count_tokens()
+    assert not page.stop_button.isHidden() and not page.count_button.isEnabled()
+    page.stop_counting()                              # before the tokenizer has even loaded
+    qtbot.waitUntil(lambda: page.count_button.isEnabled(), timeout=60_000)
+    assert page.count_label.text().startswith("Stopped at "), page.count_label.text()
+    assert page.token_stats is None and page.stop_button.isHidden()
+    page.count_tokens()        # again, to the end (resuming a stopped tokenizing: test_tokenize_resume)
+    qtbot.waitUntil(lambda: page.count_button.isEnabled(), timeout=60_000)
+    assert page.count_label.text().startswith("Tokens: ") and page.token_stats["tokens"] > 0
+    assert "at the last count's ratio" in page.totals_label.text()
