@@ -417,10 +417,7 @@ def _check_free_space(folder: Path, needed: int) -> None:
 
 
 def _remove_dead_temps(final: Path) -> None:
-    """Half-written exports of `final` whose writer process is gone."""
-    from ..runs.store import process_alive
+    """Half-written folders of `final` whose writer process is gone (runs/leftovers.py's rule)."""
+    from ..runs.leftovers import remove_dead_temp_dirs
 
-    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
-        match = re.match(r".*\.tmp-(\d+)-", tmp.name)
-        if tmp.is_dir() and not (match and process_alive(int(match.group(1)))):
-            shutil.rmtree(tmp, ignore_errors=True)
+    remove_dead_temp_dirs(final)

@@ -68,6 +68,22 @@ def _settle_one(folder: Path, path: Path) -> bool:
     return False
 
 
+def remove_dead_temp_dirs(final: Path) -> list[Path]:
+    """Half-written `.<final name>.tmp-<pid>-*` folders beside `final` (a GGUF conversion, a merged
+    export) whose writer process is gone, removed; the same pid rule as a run folder's leftovers.
+    Returns the folders removed."""
+    removed = []
+    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+        match = _PID_RE.match(tmp.name)
+        if not tmp.is_dir() or tmp.is_symlink():
+            continue
+        if match and (int(match["pid"]) == os.getpid() or process_alive(int(match["pid"]))):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

@@ -156,3 +156,20 @@ def test_atomic_temp_files_carry_the_writer_pid(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic.os, "replace", lambda src, dst: (seen.append(src), real(src, dst)))
     write_text_atomic(tmp_path / "config.yaml", "a: 1\n")
     assert os.path.basename(seen[0]).startswith(f".config.yaml.tmp-{os.getpid()}-")
+
+
+def test_dead_writers_temp_folders_beside_a_model_or_export_are_removed(tmp_path):
+    """The GGUF conversion and the merged export share the run folder's pid rule."""
+    from cpt_studio.engine.runs.leftovers import remove_dead_temp_dirs
+
+    dead = dead_pid()
+    final = tmp_path / "merged-bf16"
+    gone = tmp_path / f".merged-bf16.tmp-{dead}-x8"
+    kept = [tmp_path / ".merged-bf16.tmp-1-ab", tmp_path / f".merged-bf16.tmp-{os.getpid()}-cd",
+            tmp_path / ".other.tmp-99999999-ef"]       # a live writer, ours, another name
+    for folder in (gone, *kept):
+        folder.mkdir()
+    (tmp_path / f".merged-bf16.tmp-{dead}-file").write_text("a file, not a folder")
+    assert remove_dead_temp_dirs(final) == [gone]
+    assert not gone.exists() and all(k.is_dir() for k in kept)
+    assert (tmp_path / f".merged-bf16.tmp-{dead}-file").is_file()
