@@ -48,6 +48,7 @@ LABELS = {
     "training.defer_head_grad": "Defer lm_head grad",
     "training.stream_in_compute_dtype": "bf16 residual stream",
     "training.free_frozen_embeddings": "Free frozen originals",
+    "training.unchecked_layers": "Layers not checkpointed",
 }
 
 
