@@ -15,9 +15,9 @@ text it is given, about 100 bytes a character; a .txt/.md file is read and clean
 time (text_stream.py), so no size of file is ever held whole. The files are named by a hash of the file contents,
 the data settings and the tokenizer, so a second run on the same corpus skips tokenizing; they are
 the training data, not a mere cache: a full disk while writing them stops the run with a message.
-Tokenizing records a checkpoint at most every _CHECKPOINT_S seconds (token_store.py): a run stopped
-or killed while tokenizing leaves its partial file, and the next run on the same corpus and
-tokenizer goes on from the last checkpoint instead of from the start.
+Tokenizing records a checkpoint at most every _CHECKPOINT_S seconds, and when it is stopped
+(token_store.py): a run stopped or killed while tokenizing leaves its partial file, and the next
+run on the same corpus and tokenizer goes on from the last checkpoint instead of from the start.
 """
 from __future__ import annotations
 
@@ -202,6 +202,20 @@ def _tokenize(paths: list[Path], tokenizer, eos: int, text_column: str, tracker:
     at a time, with a checkpoint at most every _CHECKPOINT_S seconds; from where `writer.resumed`
     says when it took over a stopped writer's file. Returns the document counts."""
     at = writer.resumed or {"file": 0, "pieces": 0, "read": 0, "documents": 0, "characters": 0}
+    done = [dict(at), writer.n_tokens]    # the last position that matches the tokens written
+    try:
+        return _tokenize_from(at, paths, tokenizer, eos, text_column, tracker, writer, done)
+    except KeyboardInterrupt:             # a stop: keep everything written so far, if it is whole
+        if done[1] == writer.n_tokens and writer.n_tokens:
+            try:
+                writer.checkpoint(done[0])
+            except OSError:               # a full disk: the last periodic checkpoint stays
+                pass
+        raise
+
+
+def _tokenize_from(at: dict, paths: list[Path], tokenizer, eos: int, text_column: str,
+                   tracker: _Tracker, writer: TokenFileWriter, done: list) -> dict:
     counts = {"documents": at["documents"], "characters": at["characters"]}
     last_checkpoint = time.monotonic()
     for index, path in enumerate(paths):
@@ -228,10 +242,11 @@ def _tokenize(paths: list[Path], tokenizer, eos: int, text_column: str, tracker:
                 counts["documents"] += sum(ends for _, ends in batch)
                 counts["characters"] += batch_chars
                 read += sum(len(text.encode("utf-8")) for text, _ in batch)
+                done[:] = [{"file": index, "pieces": pieces, "read": read, **counts}, writer.n_tokens]
                 tracker.update(size, read, message)
                 batch, batch_chars = [], 0
                 if time.monotonic() - last_checkpoint >= _CHECKPOINT_S:
-                    writer.checkpoint({"file": index, "pieces": pieces, "read": read, **counts})
+                    writer.checkpoint(done[0])
                     last_checkpoint = time.monotonic()
         tracker.done += size
         if not read:

@@ -1,7 +1,7 @@
 """Documents as streams of text: a .txt/.md file of any size read, cleaned and cut into tokenizer
 pieces without ever holding more than a chunk of it.
 
-    chunks = utf8_chunks(path)                       # decoded text, 1 MiB of the file at a time
+    chunks = utf8_chunks(path, decode_utf8)          # decoded text, 1 MiB of the file at a time
     cleaned = clean_chunks(chunks)                   # what clean_text gives for the whole, in parts
     for piece, ends in cut_pieces(cleaned, 100_000): # the pieces the tokenizer is given
         ...
@@ -23,9 +23,9 @@ CHUNK_BYTES = 1 << 20
 
 def utf8_chunks(path: Path, decode: Callable[[bytes, Path, int], str],
                 chunk_bytes: int | None = None) -> Iterator[str]:
-    """The text of a UTF-8 file, `chunk_bytes` (default CHUNK_BYTES) at a time; a character split between two reads is
-    carried to the next. `decode(data, path, offset)` decodes one complete piece (corpus.decode_utf8:
-    its error names the file and the bad byte's offset in it)."""
+    """The text of a UTF-8 file, `chunk_bytes` (default CHUNK_BYTES) at a time; a character split
+    between two reads is carried to the next. `decode(data, path, offset)` decodes one complete
+    piece (corpus.decode_utf8: its error names the file and the bad byte's offset in it)."""
     offset, carry = 0, b""
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     with open(path, "rb") as fh:

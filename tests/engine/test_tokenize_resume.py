@@ -114,6 +114,17 @@ def test_a_killed_tokenizing_resumes_into_the_same_blocks(tmp_path, tiny_tokeniz
     assert torch.equal(again.train[:], whole.train[:])
 
 
+def test_a_stop_keeps_what_was_tokenized_before_any_periodic_checkpoint(tmp_path, tiny_tokenizer,
+                                                                        monkeypatch):
+    monkeypatch.setattr(packing, "_BATCH_DOCS", 4)
+    monkeypatch.setattr(packing, "_CHECKPOINT_S", 3600.0)       # none would come in this test
+    cfg, whole, cache = stopped_at(0.6, tmp_path, tiny_tokenizer)
+    reports = []
+    again = build_packed_data(cfg, tiny_tokenizer, cache, progress=lambda f, m: reports.append((f, m)))
+    assert any(m.startswith("Resuming where tokenizing stopped") and f > 0.55 for f, m in reports)
+    assert everything(again) == everything(whole)
+
+
 def test_a_damaged_checkpoint_record_starts_over(tmp_path, tiny_tokenizer, small_batches):
     cfg, whole, cache = stopped_at(0.3, tmp_path, tiny_tokenizer)
     record = next(p for p in cache.iterdir() if p.name.endswith(".json"))
