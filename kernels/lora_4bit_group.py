@@ -40,8 +40,8 @@ class LoRA4bitGroupFunction(torch.autograd.Function):
 
     Args of apply: x [..., in], dtype (compute), scaling (shared), n, backend, then per member
     packed, quant_state, bias (frozen) or None, lora_A [r_i, in], lora_B [out_i, r_i]. Returns n
-    tensors [..., out_i] in x's dtype. Saved: x, h, A (stacked, in dtype) and the B_i in dtype,
-    never a weight or an output.
+    tensors [..., out_i] in x's dtype. Saved: [x | h] (one buffer), A (stacked) and the B_i in
+    dtype, never a weight or an output.
     """
 
     @staticmethod
