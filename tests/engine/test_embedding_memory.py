@@ -210,7 +210,7 @@ def test_prepare_model_follows_the_switches():
     # no autocast, so no bf16 stream to keep.
     assert done == {"freed_bytes": 2 * VOCAB * 32 * 2, "stream_in_compute_dtype": False,
                     "embedding_weights": "fp32", "embedding_optimizer": "adamw",
-                    "sparse_embedding_grad": False, "offloaded_layers": 0, "defer_head_grad": False}
+                    "sparse_embedding_grad": False, "offloaded_layers": 0, "defer_head_grad": False, "unchecked_layers": 0}
     # With fused8bit the untied embed_tokens copy gets its row-sparse gradient.
     cfg.training.embedding_optimizer = "fused8bit"
     model = adapted()

