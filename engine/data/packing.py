@@ -14,7 +14,8 @@ tokenizer in pieces cut before whitespace (`document_pieces`): the tokenizer's m
 text it is given, about 100 bytes a character; a .txt/.md file is read and cleaned a chunk at a
 time (text_stream.py), so no size of file is ever held whole. The files are named by a hash of
 the file contents, the data settings and the tokenizer, so a second run on the same corpus skips
-tokenizing; they are the training data, not a mere cache: a full disk while writing them stops the run with a message.
+tokenizing; they are the training data, not a mere cache: a full disk while writing them stops
+the run with a message.
 Tokenizing records a checkpoint at most every _CHECKPOINT_S seconds, and when it is stopped
 (token_store.py): a run stopped or killed while tokenizing leaves its partial file, and the next
 run on the same corpus and tokenizer goes on from the last checkpoint instead of from the start.
